@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# The local container lab: Debian 12 nodes with systemd and sshd, root password login on,
+# like freshly installed servers. Everything is built locally (no registry can be reached).
+#
+#   scripts/lab.sh up N     build the node image if needed, run nodes 1..N, remove nodes > N,
+#                           write inventory/lab/hosts.yml
+#   scripts/lab.sh down     remove the nodes and the network (the image is kept)
+#   scripts/lab.sh image    build the node image only
+# Re-running any of them is safe.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+source scripts/podman-env.sh
+
+PREFIX=${LAB_PREFIX:-dsmesh}
+NETWORK=${LAB_NETWORK:-$PREFIX}
+STATE=$ROOT/.state/lab
+INVENTORY=$ROOT/inventory/lab/hosts.yml
+# The image tag follows the recipe: editing build_image() below builds a new image.
+IMAGE_TAG=$(sed -n '/^build_image()/,/^}/p' "$0" | sha256sum | cut -c1-12)
+IMAGE=localhost/$PREFIX-node:$IMAGE_TAG
+# Lab nodes get the controller's Python environment and checkout read-only at the same paths,
+# as an NFS mount would give them (DeepSpeed's runner needs identical paths on every node).
+MOUNTS=(-v "$ROOT/.venv:$ROOT/.venv:ro")
+
+log() { printf 'lab: %s\n' "$*" >&2; }
+
+build_image() {
+  local rootfs
+  rootfs=$(mktemp -d /var/tmp/$PREFIX-rootfs.XXXXXX)
+  log "building $IMAGE with debootstrap (about a minute)"
+  debootstrap --variant=minbase \
+    --include=python3,python3-apt,openssh-server,openssh-client,sudo,iproute2,ca-certificates,procps,systemd,systemd-sysv,dbus \
+    bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
+  # Every node must generate its own host keys at first boot, not share the image's.
+  rm -f "$rootfs"/etc/ssh/ssh_host_*
+  cat >"$rootfs/etc/systemd/system/lab-ssh-host-keys.service" <<'UNIT'
+[Unit]
+Description=Generate this node's own SSH host keys
+Before=ssh.service
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+RemainAfterExit=yes
+[Install]
+RequiredBy=ssh.service
+UNIT
+  mkdir -p "$rootfs/etc/systemd/system/ssh.service.requires"
+  ln -sf ../lab-ssh-host-keys.service "$rootfs/etc/systemd/system/ssh.service.requires/"
+  # A container has no hardware, consoles or clock to manage.
+  for unit in systemd-udevd.service systemd-udevd-control.socket systemd-udevd-kernel.socket \
+      getty@tty1.service console-getty.service systemd-logind.service systemd-timesyncd.service \
+      apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer fstrim.timer; do
+    ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
+  done
+  : >"$rootfs/etc/machine-id"
+  # A freshly installed server as the seed's users have it: root may log in with a password.
+  sed -i -e 's/^#\?PermitRootLogin.*/PermitRootLogin yes/' \
+         -e 's/^#\?PasswordAuthentication.*/PasswordAuthentication yes/' "$rootfs/etc/ssh/sshd_config"
+  echo 'deb http://deb.debian.org/debian bookworm main' >"$rootfs/etc/apt/sources.list"
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb
+  tar -C "$rootfs" -c . | podman import --change 'CMD=["/sbin/init"]' --change 'STOPSIGNAL=SIGRTMIN+3' - "$IMAGE" >/dev/null
+  rm -rf "$rootfs"
+}
+
+ensure_image() {
+  podman image exists "$IMAGE" || build_image
+}
+
+ensure_network() {
+  podman network exists "$NETWORK" || podman network create "$NETWORK" >/dev/null
+}
+
+node_name() { echo "$PREFIX-node$1"; }
+
+existing_nodes() {
+  podman ps -a --filter "label=$PREFIX.lab=1" --format '{{.Names}}' | sort -V
+}
+
+node_ip() {
+  podman inspect -f "{{(index .NetworkSettings.Networks \"$NETWORK\").IPAddress}}" "$1"
+}
+
+wait_sshd() {  # $1 = node; sshd answers on port 22 (needs its fresh host keys first)
+  local ip deadline=$((SECONDS + 60))
+  ip=$(node_ip "$1")
+  until timeout 1 bash -c "exec 3<>/dev/tcp/$ip/22" 2>/dev/null; do
+    ((SECONDS < deadline)) || { log "sshd on $1 ($ip) did not come up in 60 s"; podman logs --tail 20 "$1" >&2; exit 1; }
+    sleep 0.5
+  done
+}
+
+start_node() {  # $1 = node; (re)creates it when missing or built from another image
+  local node=$1
+  if podman container exists "$node"; then
+    if [[ $(podman inspect -f '{{.ImageName}}' "$node") != "$IMAGE" ]]; then
+      log "$node runs an older image: recreating it"
+      podman rm -f "$node" >/dev/null
+    else
+      [[ $(podman inspect -f '{{.State.Running}}' "$node") == true ]] || podman start "$node" >/dev/null
+      return
+    fi
+  fi
+  log "starting $node"
+  podman run -d --name "$node" --hostname "$node" --network "$NETWORK" --label "$PREFIX.lab=1" \
+    --systemd=always --shm-size 256m "${MOUNTS[@]}" "$IMAGE" >/dev/null
+  podman exec "$node" sh -c "echo 'root:$(cat "$STATE/root_password")' | chpasswd"
+  # The node's host key changed: forget what the controller knew under its name or address.
+  for key in "$node" "$(node_ip "$node")"; do
+    ssh-keygen -R "$key" -f "$STATE/known_hosts" >/dev/null 2>&1 || true
+  done
+}
+
+write_inventory() {
+  local nodes=("$@") node ip
+  mkdir -p "$(dirname "$INVENTORY")"
+  local tmp
+  tmp=$(mktemp "$INVENTORY.XXXXXX")
+  {
+    echo "# Written by 'make lab' ($(date -u +%FT%TZ)); rewritten on every run."
+    echo "all:"
+    echo "  vars:"
+    echo "    cluster_user: root"
+    echo "    ansible_user: root"
+    echo "    # The first run logs in with the root password, like the seed's users do."
+    echo "    ansible_password: $(cat "$STATE/root_password")"
+    echo "    ansible_ssh_private_key_file: $STATE/controller_ed25519"
+    echo "    controller_public_key_file: $STATE/controller_ed25519.pub"
+    echo "    ansible_ssh_common_args: -o UserKnownHostsFile=$STATE/known_hosts"
+    echo "    lab: true"
+    echo "  children:"
+    echo "    cluster:"
+    echo "      hosts:"
+    for node in "${nodes[@]}"; do
+      ip=$(node_ip "$node")
+      echo "        $node:"
+      echo "          ansible_host: $ip"
+      echo "          cluster_address: $node"
+      echo "          gpus: 1"
+    done
+    echo "    master:"
+    echo "      hosts:"
+    echo "        ${nodes[0]}:"
+  } >"$tmp"
+  mv "$tmp" "$INVENTORY"
+}
+
+# The controller learns each node's host key through podman, a channel it already trusts,
+# so even the first ssh connection checks host keys strictly.
+record_host_keys() {
+  local node ip
+  for node in "$@"; do
+    ip=$(node_ip "$node")
+    ssh-keygen -R "$ip" -f "$STATE/known_hosts" >/dev/null 2>&1 || true
+    ssh-keygen -R "$node" -f "$STATE/known_hosts" >/dev/null 2>&1 || true
+    podman exec "$node" sh -c 'cat /etc/ssh/ssh_host_*_key.pub' |
+      awk -v h="$node,$ip" '{print h, $1, $2}' >>"$STATE/known_hosts"
+  done
+  rm -f "$STATE/known_hosts.old"
+}
+
+cmd_up() {
+  local count=${1:-2}
+  [[ $count =~ ^[1-9][0-9]*$ ]] || { log "NODES must be a positive number, got '$count'"; exit 2; }
+  mkdir -p "$STATE"
+  [[ -s $STATE/root_password ]] || (umask 077; head -c 12 /dev/urandom | base64 | tr -d '/+=' >"$STATE/root_password")
+  [[ -f $STATE/controller_ed25519 ]] || ssh-keygen -q -t ed25519 -N '' -C "dsmesh-lab-controller" -f "$STATE/controller_ed25519"
+  touch "$STATE/known_hosts"
+  ensure_image
+  ensure_network
+  local node wanted=()
+  for ((i = 1; i <= count; i++)); do wanted+=("$(node_name "$i")"); done
+  for node in $(existing_nodes); do
+    [[ " ${wanted[*]} " == *" $node "* ]] || { log "removing $node (beyond NODES=$count)"; podman rm -f "$node" >/dev/null; }
+  done
+  for node in "${wanted[@]}"; do start_node "$node"; done
+  for node in "${wanted[@]}"; do wait_sshd "$node"; done
+  record_host_keys "${wanted[@]}"
+  write_inventory "${wanted[@]}"
+  log "$count node(s) up; inventory: ${INVENTORY#$ROOT/}"
+}
+
+cmd_down() {
+  local nodes
+  nodes=$(existing_nodes)
+  [[ -z $nodes ]] || podman rm -f -t 2 $nodes >/dev/null
+  podman network exists "$NETWORK" && podman network rm "$NETWORK" >/dev/null || true
+  rm -f "$INVENTORY" "$STATE/known_hosts"
+  log "lab removed"
+}
+
+case ${1:-} in
+  up) cmd_up "${2:-2}" ;;
+  down) cmd_down ;;
+  image) ensure_image ;;
+  *) echo "usage: $0 up N | down | image" >&2; exit 2 ;;
+esac
