@@ -6,7 +6,10 @@
 #                           write inventory/lab/hosts.yml
 #   scripts/lab.sh down     remove the nodes and the network (the image is kept)
 #   scripts/lab.sh image    build the node image only
-# Re-running any of them is safe.
+#   scripts/lab.sh image-name   print the node image's name (molecule's platforms use it)
+# Re-running any of them is safe. LAB_PREFIX (default dsmesh) names the containers, network and
+# state, so several labs (tests, benchmarks) can live side by side; LAB_INVENTORY says where the
+# inventory goes (default inventory/lab/hosts.yml for the default lab).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -14,11 +17,15 @@ source scripts/podman-env.sh
 
 PREFIX=${LAB_PREFIX:-dsmesh}
 NETWORK=${LAB_NETWORK:-$PREFIX}
-STATE=$ROOT/.state/lab
-INVENTORY=$ROOT/inventory/lab/hosts.yml
+STATE=$ROOT/.state/lab-$PREFIX
+if [[ $PREFIX == dsmesh ]]; then
+  INVENTORY=${LAB_INVENTORY:-$ROOT/inventory/lab/hosts.yml}
+else
+  INVENTORY=${LAB_INVENTORY:-$ROOT/inventory/lab/$PREFIX.yml}
+fi
 # The image tag follows the recipe: editing build_image() below builds a new image.
 IMAGE_TAG=$(sed -n '/^build_image()/,/^}/p' "$0" | sha256sum | cut -c1-12)
-IMAGE=localhost/$PREFIX-node:$IMAGE_TAG
+IMAGE=localhost/dsmesh-node:$IMAGE_TAG
 # Lab nodes get the controller's Python environment and checkout read-only at the same paths,
 # as an NFS mount would give them (DeepSpeed's runner needs identical paths on every node).
 MOUNTS=(-v "$ROOT/.venv:$ROOT/.venv:ro")
@@ -27,7 +34,7 @@ log() { printf 'lab: %s\n' "$*" >&2; }
 
 build_image() {
   local rootfs
-  rootfs=$(mktemp -d /var/tmp/$PREFIX-rootfs.XXXXXX)
+  rootfs=$(mktemp -d /var/tmp/dsmesh-rootfs.XXXXXX)
   log "building $IMAGE with debootstrap (about a minute)"
   debootstrap --variant=minbase \
     --include=python3,python3-apt,openssh-server,openssh-client,sudo,iproute2,ca-certificates,procps,systemd,systemd-sysv,dbus \
@@ -64,7 +71,11 @@ UNIT
 }
 
 ensure_image() {
-  podman image exists "$IMAGE" || build_image
+  podman image exists "$IMAGE" && return
+  build_image
+  # Images of older recipes go, unless a container still runs one.
+  podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/dsmesh-node:' | grep -vx "$IMAGE" |
+    xargs -r podman rmi >/dev/null 2>&1 || true
 }
 
 ensure_network() {
@@ -127,7 +138,7 @@ write_inventory() {
     echo "    ansible_ssh_private_key_file: $STATE/controller_ed25519"
     echo "    controller_public_key_file: $STATE/controller_ed25519.pub"
     echo "    ansible_ssh_common_args: -o UserKnownHostsFile=$STATE/known_hosts"
-    echo "    lab: true"
+    echo "    lab: $PREFIX"
     echo "  children:"
     echo "    cluster:"
     echo "      hosts:"
@@ -193,5 +204,6 @@ case ${1:-} in
   up) cmd_up "${2:-2}" ;;
   down) cmd_down ;;
   image) ensure_image ;;
-  *) echo "usage: $0 up N | down | image" >&2; exit 2 ;;
+  image-name) echo "$IMAGE" ;;
+  *) echo "usage: $0 up N | down | image | image-name" >&2; exit 2 ;;
 esac
