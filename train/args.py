@@ -1,0 +1,317 @@
+"""Command line: Hugging Face TrainingArguments plus this package's own, from the command line or
+a YAML/JSON file (`python -m train run.yaml [--flag value ...]`, flags override the file).
+
+Values the DeepSpeed config fixes (micro batch, accumulation, clipping, precision, optimizer
+settings) are taken from it when not given as arguments; given ones must agree with it."""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+
+class ConfigError(ValueError):
+    """Arguments or DeepSpeed config that cannot work together."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Local model directory (config.json, tokenizer, weights)."})
+    random_init: bool = field(default=False, metadata={
+        "help": "Initialise weights randomly from config.json instead of loading them (benchmarks)."})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "auto (flash_attention_2 on CUDA if installed, else sdpa), sdpa, flash_attention_2, "
+                "flex_attention or eager."})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "Chat template (Jinja text or a file) replacing the tokenizer's, for `messages` data."})
+
+
+@dataclass
+class DataArguments:
+    dataset: list[str] | None = field(default=None, metadata={
+        "help": "Training JSONL file(s): text, prompt/completion or messages per line."})
+    eval_dataset: list[str] | None = field(default=None, metadata={"help": "Evaluation JSONL file(s)."})
+    eval_split_ratio: float = field(default=0.0, metadata={
+        "help": "Hold out this fraction of the training examples for evaluation."})
+    max_seq_length: int = field(default=2048, metadata={
+        "help": "Tokens per sequence; longer examples are truncated (and counted)."})
+    packing: bool = field(default=True, metadata={
+        "help": "Pack several examples into each sequence (attention stays within each example)."})
+    synthetic_samples: int = field(default=0, metadata={
+        "help": "Train on this many random-token sequences of max_seq_length instead of files (benchmarks)."})
+
+
+@dataclass
+class LoraArguments:
+    lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter (peft) instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
+        "help": "Module names to adapt, or all-linear."})
+    lora_use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha / sqrt(r)."})
+    merge_lora: bool = field(default=False, metadata={
+        "help": "Also write the base model with the adapter merged in, to <final_model_dir>_merged."})
+
+
+@dataclass
+class RunArguments:
+    resume: bool = field(default=True, metadata={
+        "help": "Resume from the newest complete checkpoint in output_dir, if there is one."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Delete checkpoints, metrics and final model already in output_dir and start over."})
+    final_model_dir: str | None = field(default=None, metadata={
+        "help": "Where the trained model goes (default <output_dir>/final_model)."})
+    peak_tflops: float | None = field(default=None, metadata={
+        "help": "Peak TFLOPS per device for MFU (default: known GPUs' dense bf16/fp16 peak; none on CPU)."})
+    fsync_checkpoints: bool = field(default=True, metadata={
+        "help": "Flush checkpoints to disk before marking them complete."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, RunArguments)
+
+# Defaults that differ from TrainingArguments' when the user says nothing.
+OUR_DEFAULTS = {
+    "logging_steps": 10,
+    "logging_first_step": True,
+    "disable_tqdm": True,  # the package draws its own progress bar
+    "remove_unused_columns": False,
+    "label_names": ["labels"],
+    "save_strategy": "steps",
+}
+
+
+def expand_config_file(argv):
+    """`run.yaml --flag v` -> the file's keys as flags, then the given flags (which win).
+
+    The file must be the first argument (the deepspeed launcher may put --local_rank=N before it)."""
+    lead = 0
+    while lead < len(argv) and argv[lead].startswith("--local_rank="):
+        lead += 1
+    if lead >= len(argv) or argv[lead].startswith("-") or not argv[lead].endswith((".yaml", ".yml", ".json")):
+        return list(argv)
+    path = argv[lead]
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    with open(path) as f:
+        if path.endswith(".json"):
+            values = json.load(f)
+        else:
+            import yaml
+
+            values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of argument names to values")
+    out = []
+    for key, value in values.items():
+        if value is not None:
+            out += _flag(key, value)
+    return argv[:lead] + out + argv[lead + 1:]
+
+
+def explicit_names(argv):
+    """Names of the arguments given (the last occurrence wins, as in argparse)."""
+    names = set()
+    for a in argv:
+        if a.startswith("--"):
+            name = a[2:].split("=", 1)[0].replace("-", "_")
+            if name.startswith("no_"):
+                names.add(name[3:])
+            names.add(name)
+    return names
+
+
+def _get(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _is_set(value):
+    return value is not None and value != "auto"
+
+
+def load_ds_config(value):
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value
+    if value.strip().startswith("{"):
+        return json.loads(value)
+    if not os.path.isfile(value):
+        raise ConfigError(f"--deepspeed {value}: file not found")
+    try:
+        with open(value) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed {value}: invalid JSON: {e}") from None
+
+
+def zero_stage(ds_config):
+    return int(_get(ds_config, "zero_optimization.stage") or 0) if ds_config else None
+
+
+def reconcile_with_ds_config(ds_config, given, world_size):
+    """Arguments to add so TrainingArguments match the DeepSpeed config, and the config to use.
+
+    `given`: explicitly passed argument values (name -> raw value or True). Returns (extra argv,
+    config). Explicit arguments are left alone; TrainingArguments then records any disagreement
+    and check_ds_mismatches() reports it before the model is loaded."""
+    extra = {}
+    cfg = json.loads(json.dumps(ds_config))  # private copy
+
+    def adopt(ds_key, arg, convert=lambda v: v):
+        v = _get(cfg, ds_key)
+        if _is_set(v) and arg not in given:
+            extra[arg] = convert(v)
+
+    micro, accum, total = (_get(cfg, k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                                   "train_batch_size"))
+    adopt("train_micro_batch_size_per_gpu", "per_device_train_batch_size", int)
+    adopt("gradient_accumulation_steps", "gradient_accumulation_steps", int)
+    # DeepSpeed lets train_batch_size stand in for one of the other two; work that one out.
+    if _is_set(total):
+        if _is_set(micro) and not _is_set(accum) and "gradient_accumulation_steps" not in given:
+            if total % (micro * world_size):
+                raise ConfigError(f"DeepSpeed config: train_batch_size {total} is not a multiple of "
+                                  f"train_micro_batch_size_per_gpu {micro} x world size {world_size}")
+            extra["gradient_accumulation_steps"] = total // (micro * world_size)
+        elif _is_set(accum) and not _is_set(micro) and "per_device_train_batch_size" not in given:
+            if total % (accum * world_size):
+                raise ConfigError(f"DeepSpeed config: train_batch_size {total} is not a multiple of "
+                                  f"gradient_accumulation_steps {accum} x world size {world_size}")
+            extra["per_device_train_batch_size"] = total // (accum * world_size)
+        m = extra.get("per_device_train_batch_size", micro if _is_set(micro) else None)
+        a = extra.get("gradient_accumulation_steps", accum if _is_set(accum) else None)
+        if m is not None and a is not None and "per_device_train_batch_size" not in given \
+                and "gradient_accumulation_steps" not in given and m * a * world_size != total:
+            raise ConfigError(f"DeepSpeed config: train_batch_size {total} != train_micro_batch_size_per_gpu {m} "
+                              f"x gradient_accumulation_steps {a} x world size {world_size} = {m * a * world_size}")
+    adopt("gradient_clipping", "max_grad_norm", float)
+    adopt("bf16.enabled", "bf16", bool)
+    adopt("fp16.enabled", "fp16", bool)
+    adopt("optimizer.params.lr", "learning_rate", float)
+    adopt("optimizer.params.weight_decay", "weight_decay", float)
+    adopt("optimizer.params.eps", "adam_epsilon", float)
+    betas = _get(cfg, "optimizer.params.betas")
+    if isinstance(betas, list) and len(betas) == 2:
+        if "adam_beta1" not in given:
+            extra["adam_beta1"] = float(betas[0])
+        if "adam_beta2" not in given:
+            extra["adam_beta2"] = float(betas[1])
+
+    # Offloading the optimizer needs DeepSpeed's own (CPU) Adam: HF only builds that from an
+    # "optimizer" section, so add one that takes its values from the arguments.
+    zero = cfg.get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device") not in (None, "none")
+    offload = offload or (zero.get("offload_param") or {}).get("device") not in (None, "none")
+    if offload and "optimizer" not in cfg:
+        cfg["optimizer"] = {"type": "AdamW",
+                            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    return extra, cfg
+
+
+def check_ds_mismatches(training_args, ds_source):
+    hf_config = getattr(training_args, "hf_deepspeed_config", None)
+    mismatches = list(getattr(hf_config, "mismatches", []) or [])
+    if mismatches:
+        raise ConfigError(
+            f"the DeepSpeed config ({ds_source}) disagrees with the arguments:\n  "
+            + "\n  ".join(m.lstrip("- ") for m in mismatches)
+            + "\nDrop those arguments (the config's values are then used), make them agree, or set the "
+              "config values to \"auto\"."
+        )
+
+
+def _flag(name, value):
+    if isinstance(value, bool):
+        return [f"--{name}", "true" if value else "false"]
+    if isinstance(value, (list, tuple)):
+        return [f"--{name}", *map(str, value)]
+    if isinstance(value, dict):
+        return [f"--{name}", json.dumps(value)]
+    return [f"--{name}", str(value)]
+
+
+def preparse(argv=None):
+    """First pass, building nothing: the raw values, the expanded argv, the names given."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    argv = expand_config_file(list(sys.argv[1:] if argv is None else argv))
+    parser = HfArgumentParser(ARGUMENT_CLASSES + (TrainingArguments,))
+    raw, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"unknown arguments: {' '.join(unknown)}")
+    if raw.output_dir is None:
+        raise ConfigError("--output_dir is required (checkpoints, metrics and the final model go there)")
+    if not raw.dataset and not raw.synthetic_samples:
+        raise ConfigError("give --dataset FILE.jsonl (or --synthetic_samples N for a benchmark)")
+    return {"parser": parser, "raw": raw, "argv": argv, "given": explicit_names(argv)}
+
+
+def parse(pre, world_size, configured_state):
+    """Second pass: build the dataclasses, TrainingArguments last (it sets up the accelerator
+    state, so the caller's distributed set-up must come first).
+
+    Returns (model_args, data_args, lora_args, run_args, training_args, info)."""
+    from transformers import TrainingArguments
+
+    parser, raw, argv, given = pre["parser"], pre["raw"], pre["argv"], pre["given"]
+    extra = {k: v for k, v in OUR_DEFAULTS.items() if k not in given}
+    # non-reentrant checkpointing works with frozen embeddings (LoRA) and ZeRO-3; transformers 5.2x
+    # renamed gradient_checkpointing* to activation_checkpointing*
+    ckpt_kwargs = ("activation_checkpointing_kwargs" if "activation_checkpointing_kwargs" in
+                   TrainingArguments.__dataclass_fields__ else "gradient_checkpointing_kwargs")
+    if not given & {"activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"}:
+        extra[ckpt_kwargs] = {"use_reentrant": False}
+    if torch.cuda.is_available() and "bf16" not in given and "fp16" not in given:
+        extra["bf16"] = True
+    if not torch.cuda.is_available() and "dataloader_pin_memory" not in given:
+        extra["dataloader_pin_memory"] = False
+    ds_config = load_ds_config(raw.deepspeed)
+    if ds_config is not None:
+        adopted, ds_config = reconcile_with_ds_config(ds_config, given, world_size)
+        extra.update(adopted)
+        extra["deepspeed"] = ds_config
+        if adopted.get("fp16") and "bf16" not in adopted:
+            extra.pop("bf16", None)  # the config asks for fp16; don't default to bf16 as well
+    # The Trainer would rotate checkpoints before this package marks the new one complete; the
+    # package rotates them itself (checkpoints.py).
+    save_total_limit = raw.save_total_limit
+    extra["save_total_limit"] = None
+    if configured_state:
+        extra["accelerator_config"] = {"use_configured_state": True}
+
+    full = list(argv)
+    for name, value in extra.items():
+        full = _strip_flag(full, name) if value is None else full + _flag(name, value)
+    model_args, data_args, lora_args, run_args, training_args = parser.parse_args_into_dataclasses(args=full)
+    model_args.model_name_or_path = os.path.abspath(model_args.model_name_or_path)
+    ds_source = raw.deepspeed if isinstance(raw.deepspeed, str) and not raw.deepspeed.lstrip().startswith("{") \
+        else "inline"
+    info = {"given": sorted(given), "ds_config": ds_config, "save_total_limit": save_total_limit,
+            "ds_source": ds_source, "argv": argv}
+    if ds_config is not None:
+        check_ds_mismatches(training_args, ds_source)
+    return model_args, data_args, lora_args, run_args, training_args, info
+
+
+def _strip_flag(argv, name):
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            if a.startswith("--"):
+                skip = False
+            else:
+                continue
+        key = a[2:].split("=", 1)[0].replace("-", "_") if a.startswith("--") else None
+        if key == name:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out

@@ -1,0 +1,219 @@
+"""What a person (and the launch play) can follow: throughput, MFU and memory per logging interval,
+written by rank 0 to the console, <output_dir>/metrics.jsonl and TensorBoard, plus summary.json.
+
+Nothing here forces a device sync per step: tokens are counted from the collator's plain ints and
+summed across ranks only when a log line is due (when the Trainer already syncs for the loss)."""
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+
+from train import distributed
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16/fp16 tensor-core peak per device, TFLOPS (vendor data sheets). Order matters:
+# the first substring found in the device name wins.
+PEAK_TFLOPS = [
+    ("GB200", 2500), ("B200", 2250), ("B100", 1750),
+    ("GH200", 989), ("H200", 989), ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H800", 989),
+    ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181), ("A10G", 125), ("A10", 125), ("L4", 121),
+    ("A6000", 155), ("V100", 125),
+]
+
+
+def peak_flops_per_device(args, override_tflops=None):
+    """FLOP/s one device can do at best in the training precision; None where unknown (CPU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if not torch.cuda.is_available() or not (args.bf16 or args.fp16):
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS:
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def memory_gb():
+    """Rank 0's memory: peak CUDA memory allocated since the last call, or the process RSS on CPU."""
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return peak / 2**30
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return None
+
+
+class Meter:
+    """Counts tokens and time between log lines (time spent saving/evaluating is left out)."""
+
+    def __init__(self, flops_per_token, peak_flops, world_size, device):
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.world_size = world_size
+        self.device = device
+        self.tokens = 0  # this rank, since the last log line
+        self.excluded = 0.0
+        self.last = self.mark = time.perf_counter()
+
+    def restart(self):
+        self.tokens, self.excluded = 0, 0.0
+        self.last = self.mark = time.perf_counter()
+
+    def exclude_since_mark(self):
+        now = time.perf_counter()
+        self.excluded += now - self.mark
+        self.mark = now
+
+    def interval(self):
+        """Called on every rank when a log line is due (it sums tokens across ranks)."""
+        tokens = distributed.all_reduce_sum(self.tokens, self.device)
+        now = time.perf_counter()
+        seconds = max(now - self.last - self.excluded, 1e-9)
+        self.tokens, self.excluded, self.last = 0, 0.0, now
+        self.mark = now
+        tokens_per_s = tokens / seconds
+        mfu = None
+        if self.peak_flops:
+            mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size)
+        return {"interval_tokens": int(tokens), "interval_s": seconds, "tokens_per_s": tokens_per_s,
+                "mfu": mfu, "memory_gb": memory_gb()}
+
+
+def _fmt_time(seconds):
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _fmt_count(x):
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def format_line(entry, max_steps):
+    parts = [f"step {entry['step']}/{max_steps}"]
+    if entry.get("loss") is not None:
+        parts.append(f"loss {entry['loss']:.4f}")
+    if entry.get("learning_rate") is not None:
+        parts.append(f"lr {entry['learning_rate']:.2e}")
+    if entry.get("grad_norm") is not None:
+        parts.append(f"grad {entry['grad_norm']:.3g}")
+    parts.append(f"{_fmt_count(entry['tokens_per_s'])} tok/s")
+    if entry.get("mfu") is not None:
+        parts.append(f"MFU {100 * entry['mfu']:.1f}%")
+    if entry.get("memory_gb") is not None:
+        parts.append(f"mem {entry['memory_gb']:.2f} GB")
+    eta = entry.get("eta_s")
+    parts.append(f"{_fmt_time(entry['elapsed_s'])} elapsed" + (f", ~{_fmt_time(eta)} left" if eta is not None else ""))
+    return " | ".join(parts)
+
+
+class MetricsWriter:
+    """Rank 0: metrics.jsonl (one object per logged step), eval.jsonl, TensorBoard, console."""
+
+    def __init__(self, output_dir, resume_step=None, tensorboard=True):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.eval_path = os.path.join(output_dir, "eval.jsonl")
+        self.history = []
+        if resume_step is not None:
+            # the steps after the checkpoint will be trained (and logged) again
+            self.history = self._keep_until(self.path, resume_step)
+            self._keep_until(self.eval_path, resume_step)
+        elif os.path.exists(self.path):
+            os.remove(self.path)
+            if os.path.exists(self.eval_path):
+                os.remove(self.eval_path)
+        last = self.history[-1] if self.history else {}
+        self.tokens_before = last.get("tokens", 0)
+        self.elapsed_before = last.get("elapsed_s", 0.0)
+        self.file = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"),
+                                        purge_step=None if resume_step is None else resume_step + 1)
+            except ImportError:
+                logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    @staticmethod
+    def _keep_until(path, step):
+        if not os.path.exists(path):
+            return []
+        kept = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut short by the crash
+                if entry.get("step", 0) <= step:
+                    kept.append(entry)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            for entry in kept:
+                f.write(json.dumps(entry) + "\n")
+        os.replace(tmp, path)
+        return kept
+
+    def write(self, entry):
+        self.history.append(entry)
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        if self.tb:
+            for key, value in entry.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(f"train/{key}", value, entry["step"])
+            self.tb.flush()
+
+    def write_eval(self, entry):
+        with open(self.eval_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.tb:
+            for key, value in entry.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"eval/{key.removeprefix('eval_')}", value, entry["step"])
+            self.tb.flush()
+
+    def close(self):
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def console():
+    """Print a line without breaking a progress bar."""
+    try:
+        from tqdm import tqdm
+
+        return tqdm.write
+    except ImportError:
+        return print
+
+
+def write_summary(path, summary):
+    from train.checkpoints import write_json_atomic
+
+    write_json_atomic(path, summary)
+
+
+def progress_bar(total, initial):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)

@@ -1,0 +1,293 @@
+"""Model side of the training: check the local model directory, load tokenizer and model (or build
+it from its config with random weights), add LoRA, count FLOPs, save the final model."""
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class ModelDirError(ValueError):
+    """The model directory is missing or incomplete."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _safetensors_complete(path):
+    """None if the file holds all the bytes its header promises, else a reason."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size:
+                return "header larger than the file"
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, OSError) as e:
+        return f"unreadable header ({e})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + header_len + end:
+        return f"truncated: {size} bytes, needs {8 + header_len + end}"
+    return None
+
+
+def check_model_dir(path, need_weights=True):
+    """Raise ModelDirError naming what is missing; nothing is ever fetched from a hub."""
+    if not os.path.isdir(path):
+        hint = " (a hub name? models must be local directories here)" if re.fullmatch(r"[\w.-]+/[\w.-]+", path) else ""
+        raise ModelDirError(f"model directory {path} does not exist{hint}")
+    have = set(os.listdir(path))
+    if "config.json" not in have:
+        raise ModelDirError(f"model directory {path} has no config.json")
+    if not have & set(TOKENIZER_FILES):
+        raise ModelDirError(f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    if not need_weights:
+        return
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index_name in have:
+            with open(os.path.join(path, index_name)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            missing = [s for s in shards if s not in have]
+            if missing:
+                raise ModelDirError(f"model directory {path} is incomplete: {len(missing)} of {len(shards)} weight "
+                                    f"shards missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+            for s in shards:
+                if s.endswith(".safetensors"):
+                    bad = _safetensors_complete(os.path.join(path, s))
+                    if bad:
+                        raise ModelDirError(f"model directory {path} is incomplete: {s} is {bad}")
+            return
+    if "model.safetensors" in have:
+        bad = _safetensors_complete(os.path.join(path, "model.safetensors"))
+        if bad:
+            raise ModelDirError(f"model directory {path} is incomplete: model.safetensors is {bad}")
+        return
+    if "pytorch_model.bin" in have:
+        return
+    raise ModelDirError(f"model directory {path} has no weights (model.safetensors, model.safetensors.index.json "
+                        "+ shards, or pytorch_model.bin); pass --random_init to train from random weights")
+
+
+def load_tokenizer(path, chat_template=None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ModelDirError(f"cannot load the tokenizer from {path}: {e}") from e
+    if chat_template:
+        if os.path.isfile(chat_template):
+            with open(chat_template) as f:
+                chat_template = f.read()
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelDirError(f"tokenizer in {path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_attn_implementation(requested):
+    """'auto': FlashAttention-2 on CUDA when installed (varlen kernels for packed rows), else SDPA."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def training_dtype(args):
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def build_model(model_args, lora_args, training_args, tokenizer):
+    """The model to train. Must run after TrainingArguments exist: under ZeRO-3 the weights are
+    then partitioned while loading (deepspeed.zero.Init) instead of materialised on every rank."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = model_args.model_name_or_path
+    dtype = training_dtype(training_args)
+    attn = resolve_attn_implementation(model_args.attn_implementation)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if len(tokenizer) > config.vocab_size:
+        raise ModelDirError(f"tokenizer in {path} has {len(tokenizer)} tokens but the model only "
+                            f"{config.vocab_size} embeddings")
+    if model_args.random_init:
+        torch.manual_seed(training_args.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                     local_files_only=True)
+    model.config.use_cache = False
+    logger.info("model %s: %s, dtype %s, attention %s", path, type(model).__name__, dtype, attn)
+
+    if lora_args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        if training_args.gradient_checkpointing:
+            # checkpointed blocks need an input that requires grad when the embeddings are frozen
+            model.enable_input_require_grads()
+        targets = lora_args.lora_target_modules
+        targets = targets[0] if len(targets) == 1 and targets[0] == "all-linear" else targets
+        peft_config = LoraConfig(
+            r=lora_args.lora_r,
+            lora_alpha=lora_args.lora_alpha,
+            lora_dropout=lora_args.lora_dropout,
+            target_modules=targets,
+            use_rslora=lora_args.lora_use_rslora,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, peft_config)
+    return model
+
+
+def _numel(p):
+    return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions leave p.numel() == 0
+
+
+def count_parameters(model):
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def flops_per_token(model, seq_len):
+    """Training FLOPs per token, the usual way (PaLM appendix B / nanoGPT estimate_mfu):
+    6 x matmul parameters (forward 2 + backward 4) plus attention 12 x layers x q_dim x seq_len.
+    Frozen weights (LoRA) cost 4 per parameter: no weight gradients. The input embedding is a
+    lookup, not a matmul; the LM head is a matmul even when tied to it. Recomputation for
+    gradient checkpointing is not counted (that would be hardware FLOPs, not model FLOPs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    embed = base.get_input_embeddings().weight
+    embed_ids = {id(embed)}
+    frozen = trainable = 0
+    for p in model.parameters():
+        if id(p) in embed_ids:
+            continue
+        if p.requires_grad:
+            trainable += _numel(p)
+        else:
+            frozen += _numel(p)
+    head = base.get_output_embeddings()
+    if head is not None and head.weight is embed:  # tied: the head matmul still happens
+        if embed.requires_grad:
+            trainable += _numel(embed)
+        else:
+            frozen += _numel(embed)
+    layers = config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q_dim = config.num_attention_heads * head_dim
+    return 6 * trainable + 4 * frozen + 12 * layers * q_dim * seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Final save
+
+
+def _full_state_dict(trainer, trainable_only=False):
+    """The whole model's weights on rank 0 (None elsewhere); a collective under ZeRO-3."""
+    engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
+    if engine is not None and engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+    if not trainer.args.process_index == 0:
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()
+            if not trainable_only or k in {n for n, p in model.named_parameters() if p.requires_grad}}
+
+
+def merge_lora_state_dict(state_dict, peft_config, adapter_name="default"):
+    """Fold LoRA weights into the base weights: W += B @ A * scaling; keys as in the base model."""
+    prefix = "base_model.model."
+    scaling = peft_config.lora_alpha / (peft_config.r ** 0.5 if peft_config.use_rslora else peft_config.r)
+    out = {}
+    for key, value in state_dict.items():
+        if f".lora_A.{adapter_name}." in key or f".lora_B.{adapter_name}." in key:
+            continue
+        if ".original_module." in key:
+            continue
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        name = name.replace(f".modules_to_save.{adapter_name}.", ".")
+        if ".base_layer." in name:
+            module = key[: key.index(".base_layer.")]
+            if name.endswith(".weight"):
+                a = state_dict.get(f"{module}.lora_A.{adapter_name}.weight")
+                b = state_dict.get(f"{module}.lora_B.{adapter_name}.weight")
+                if a is not None and b is not None:
+                    delta = (b.float() @ a.float()) * scaling
+                    value = (value.float() + delta.reshape(value.shape)).to(value.dtype)
+            name = name.replace(".base_layer.", ".")
+        out[name] = value
+    return out
+
+
+def _replace_dir(tmp, final):
+    """Put a fully written directory in place; a crash leaves either the old or the new one."""
+    old = final + ".old"
+    if os.path.exists(old):
+        shutil.rmtree(old)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def save_final_model(trainer, tokenizer, out_dir, lora_args):
+    """Write the trained model in Hugging Face format (loadable with from_pretrained) with the
+    tokenizer. Full fine-tune: the weights (16-bit gathered from ZeRO-3). LoRA: the adapter, and
+    with --merge_lora also the merged model in <out_dir>_merged. Call on every rank. Returns the
+    paths written."""
+    from huggingface_hub import save_torch_state_dict
+
+    args = trainer.args
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    is_peft = lora_args.lora
+    main = args.process_index == 0
+    written = []
+
+    state_dict = _full_state_dict(trainer, trainable_only=is_peft and not lora_args.merge_lora)
+    if main:
+        tmp = out_dir + ".tmp"
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        if is_peft:
+            # PeftModel.save_pretrained picks the adapter weights out of the given state dict
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out_dir)
+        written.append(out_dir)
+
+        if is_peft and lora_args.merge_lora:
+            merged_dir = out_dir + "_merged"
+            tmp = merged_dir + ".tmp"
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            base = model.get_base_model()
+            merged = merge_lora_state_dict(state_dict, model.peft_config["default"])
+            if base.config.tie_word_embeddings:
+                merged.pop("lm_head.weight", None)
+            merged = {k: v.contiguous() for k, v in merged.items()}
+            save_torch_state_dict(merged, tmp, max_shard_size="5GB")
+            base.config.save_pretrained(tmp)
+            if base.generation_config is not None:
+                base.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            _replace_dir(tmp, merged_dir)
+            written.append(merged_dir)
+    del state_dict
+    return written

@@ -1,0 +1,257 @@
+"""Supervised fine-tuning entry point: `python -m train` (see docs/training.md).
+
+    deepspeed --num_gpus 8 --module train --model_name_or_path /models/qwen --dataset data.jsonl \\
+        --output_dir out --deepspeed ds_config.json --max_seq_length 4096 --save_steps 200
+"""
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+
+from train import distributed
+
+logger = logging.getLogger("train")
+
+def _setup_logging(rank):
+    import transformers
+
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(format="[%(asctime)s] [rank %(rank)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", level=level, force=True)
+    old_factory = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = old_factory(*args, **kwargs)
+        record.rank = rank
+        return record
+
+    logging.setLogRecordFactory(factory)
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars, per rank
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+    # DeepSpeed logs every engine detail at INFO; keep warnings.
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def run_identity(model_args, data_args, lora_args, training_args, fingerprints, ds_config, world_size):
+    """What must stay the same for a checkpoint of this output_dir to be resumed."""
+    from train.args import zero_stage
+
+    identity = {
+        "model": model_args.model_name_or_path,
+        "random_init": model_args.random_init,
+        "data": fingerprints,
+        "eval_split_ratio": data_args.eval_split_ratio,
+        "max_seq_length": data_args.max_seq_length,
+        "packing": data_args.packing,
+        "chat_template": model_args.chat_template,
+        "seed": training_args.seed,
+        "data_seed": training_args.data_seed,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "world_size": world_size,
+        "zero_stage": zero_stage(ds_config),
+        "lora": None,
+    }
+    if lora_args.lora:
+        identity["lora"] = {"r": lora_args.lora_r, "alpha": lora_args.lora_alpha, "dropout": lora_args.lora_dropout,
+                            "target_modules": lora_args.lora_target_modules, "rslora": lora_args.lora_use_rslora}
+    return identity
+
+
+def train(pre, rank, local_rank, world_size, say, state):
+    import torch
+
+    from train import args as args_mod
+    from train import checkpoints, data, metrics, modeling
+    from train.trainer import CheckpointCallback, ProgressCallback, SFTTrainer
+
+    use_deepspeed = pre["raw"].deepspeed is not None
+    configured_state = not torch.cuda.is_available() and (use_deepspeed or world_size > 1)
+    distributed.init_cpu_process_group(use_deepspeed, world_size)
+    model_args, data_args, lora_args, run_args, training_args, info = args_mod.parse(
+        pre, world_size, configured_state)
+    output_dir = os.path.abspath(training_args.output_dir)
+    final_dir = os.path.abspath(run_args.final_model_dir or os.path.join(output_dir, "final_model"))
+    started = time.time()
+
+    modeling.check_model_dir(model_args.model_name_or_path, need_weights=not model_args.random_init)
+    tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, model_args.chat_template)
+    from transformers import AutoConfig
+
+    vocab_size = AutoConfig.from_pretrained(model_args.model_name_or_path, local_files_only=True).vocab_size
+    datasets = data.build_datasets(data_args, tokenizer, model_args.model_name_or_path, training_args.seed,
+                                   min(vocab_size, len(tokenizer)))
+
+    identity = run_identity(model_args, data_args, lora_args, training_args, datasets.fingerprints,
+                            info["ds_config"], world_size)
+    decision = None
+    if rank == 0:
+        try:
+            resume_from, notes = checkpoints.prepare_output_dir(
+                output_dir, identity, resume=run_args.resume, overwrite=run_args.overwrite_output_dir,
+                resume_from=training_args.resume_from_checkpoint)
+            decision = {"resume_from": resume_from, "notes": notes}
+        except checkpoints.RunMismatch as e:
+            decision = {"error": str(e)}
+    decision = distributed.broadcast_object(decision)
+    if "error" in decision:
+        raise checkpoints.RunMismatch(decision["error"])
+    resume_from = decision["resume_from"]
+    if rank != 0 and training_args.save_on_each_node and training_args.local_process_index == 0:
+        checkpoints.remove_incomplete(output_dir)  # this node's own copies
+    for note in decision["notes"]:
+        say(note)
+    state["owns_output_dir"] = True
+
+    model = modeling.build_model(model_args, lora_args, training_args, tokenizer)
+    total_params, trainable_params = modeling.count_parameters(model)
+    seq_len = data_args.max_seq_length
+    meter = metrics.Meter(modeling.flops_per_token(model, seq_len),
+                          metrics.peak_flops_per_device(training_args, run_args.peak_tflops),
+                          world_size, training_args.device)
+    resume_step = None
+    if resume_from:
+        with open(os.path.join(resume_from, "trainer_state.json")) as f:
+            resume_step = json.load(f)["global_step"]
+    writer = metrics.MetricsWriter(output_dir, resume_step) if rank == 0 else None
+
+    ts, es = datasets.train_stats, datasets.eval_stats
+    global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world_size
+    say(f"model {model_args.model_name_or_path}{' (random init)' if model_args.random_init else ''}: "
+        f"{total_params / 1e6:.1f}M parameters, {trainable_params / 1e6:.2f}M trainable"
+        f"{' (LoRA r=%d)' % lora_args.lora_r if lora_args.lora else ''}; "
+        f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else 'fp32'}, "
+        f"ZeRO-{args_mod.zero_stage(info['ds_config']) if info['ds_config'] else 'off'}, world size {world_size}")
+    say(f"data: {ts.examples} examples -> {ts.rows} sequences of <= {seq_len} tokens "
+        f"({ts.tokens} tokens, {ts.trainable_tokens} with loss); {ts.truncated} truncated, {ts.dropped} dropped"
+        + (f"; {ts.last_turn_only} chats trained on their last turn only" if ts.last_turn_only else "")
+        + (f"; eval {es.examples} examples" if es else ""))
+    say(f"batch: {training_args.per_device_train_batch_size} per device x {training_args.gradient_accumulation_steps} "
+        f"accumulation x {world_size} ranks = {global_batch} sequences per step; output {output_dir}"
+        + (f"; resuming from {os.path.basename(resume_from)}" if resume_from else ""))
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets.train,
+        eval_dataset=datasets.eval,
+        data_collator=data.Collator(tokenizer.pad_token_id, max_length=seq_len),
+        processing_class=tokenizer,
+        meter=meter,
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(HFProgressCallback)
+    trainer.add_callback(CheckpointCallback(meter, keep=info["save_total_limit"], fsync=run_args.fsync_checkpoints))
+    if writer is not None:
+        trainer.add_callback(ProgressCallback(writer))
+
+    meter.restart()
+    trainer.train(resume_from_checkpoint=resume_from)
+    eval_loss = None
+    if datasets.eval is not None:
+        eval_loss = trainer.evaluate().get("eval_loss")
+
+    written = modeling.save_final_model(trainer, tokenizer, final_dir, lora_args)
+    distributed.barrier()
+    if rank == 0:
+        history = writer.history
+        last = history[-1] if history else {}
+        summary = {
+            "status": "completed",
+            "steps": trainer.state.global_step,
+            "max_steps": trainer.state.max_steps,
+            "epochs": trainer.state.epoch,
+            "loss_first": history[0]["loss"] if history else None,
+            "loss_last": last.get("loss"),
+            "eval_loss": eval_loss,
+            "tokens": last.get("tokens", 0),
+            "seconds": last.get("elapsed_s", 0.0),
+            "tokens_per_s": last.get("tokens", 0) / last["elapsed_s"] if last.get("elapsed_s") else None,
+            "mfu_last": last.get("mfu"),
+            "wall_seconds": time.time() - started,
+            "final_model": written[0] if written else None,
+            "final_model_merged": written[1] if len(written) > 1 else None,
+            "resumed_from_step": resume_step,
+            "world_size": world_size,
+            "data": {"train": ts.as_dict(), "eval": es.as_dict() if es else None},
+            "output_dir": output_dir,
+        }
+        metrics.write_summary(os.path.join(output_dir, "summary.json"), summary)
+        writer.close()
+        say(f"done: {summary['steps']} steps, loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}"
+            + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
+            + f", {summary['tokens']} tokens in {summary['seconds']:.0f}s of training"
+            f" ({summary['wall_seconds']:.0f}s wall); model in {', '.join(written)}")
+
+
+def main(argv=None):
+    from train.args import ConfigError, preparse
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        pre = preparse(argv)
+    except ConfigError as e:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    rank, local_rank, world_size = distributed.prepare_environment(pre["raw"].deepspeed is not None)
+    _setup_logging(rank)
+
+    def say(msg):
+        if rank == 0:
+            from train.metrics import console
+
+            console()(msg)
+
+    from train.checkpoints import RunMismatch
+    from train.data import DataError
+    from train.modeling import ModelDirError
+
+    output_dir = os.path.abspath(pre["raw"].output_dir)
+    state = {"owns_output_dir": False}
+    try:
+        train(pre, rank, local_rank, world_size, say, state)
+    except (ConfigError, DataError, ModelDirError, RunMismatch) as e:
+        # a problem with the inputs: say what it is, no traceback (every rank sees the same)
+        if local_rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        os._exit(2)  # other ranks may be waiting in a collective; don't hang on teardown
+    except BaseException as e:
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        traceback.print_exc()
+        if state["owns_output_dir"]:
+            _record_failure(rank, output_dir, f"{type(e).__name__}: {e}")
+        sys.stderr.flush()
+        os._exit(1)
+    distributed.shutdown()
+
+
+def _record_failure(rank, output_dir, message):
+    """summary.json says the run failed (the launch play reads it)."""
+    if rank != 0:
+        return
+    try:
+        from train.checkpoints import write_json_atomic
+
+        write_json_atomic(os.path.join(output_dir, "summary.json"), {"status": "failed", "error": message,
+                                                                     "time": time.time()})
+    except OSError:
+        pass

@@ -1,0 +1,145 @@
+"""The Trainer subclass and callbacks: token counting, crash-safe checkpoint marking, progress."""
+
+import logging
+import os
+import signal
+import time
+
+from transformers import Trainer, TrainerCallback
+
+from train import checkpoints, distributed
+from train.metrics import MetricsWriter, console, format_line, progress_bar
+
+logger = logging.getLogger(__name__)
+
+# Test hook: "kill_before_mark:N" SIGKILLs rank 0 after checkpoint-N is written but before it is
+# marked complete, i.e. a crash in the middle of a save.
+FAULT_ENV = "TRAIN_FAULT_INJECT"
+
+
+class SFTTrainer(Trainer):
+    def __init__(self, *args, meter, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.meter = meter
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        num_tokens = inputs.pop("num_tokens", None)
+        if num_tokens is not None and model.training:
+            self.meter.tokens += int(num_tokens)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop("num_tokens", None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:  # a training log line; Trainer.log runs on every rank
+            logs.update(self.meter.interval())
+        super().log(logs, *args, **kwargs)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if _internal_call and self.is_deepspeed_enabled and not self.args.save_only_model:
+            # Resuming needs only DeepSpeed's checkpoint (written next, with the optimizer state).
+            # Gathering 16-bit weights into every checkpoint would add a full model write per save;
+            # the final model is written once at the end (modeling.save_final_model).
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+                self.processing_class.save_pretrained(output_dir)
+            return
+        super().save_model(output_dir, _internal_call)
+
+
+class CheckpointCallback(TrainerCallback):
+    """Marks a checkpoint complete once every rank has written it; rotates old ones after that."""
+
+    def __init__(self, meter, keep=None, fsync=True):
+        self.meter = meter
+        self.keep = keep
+        self.fsync = fsync
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.meter.mark = time.perf_counter()
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the last loss always reaches the log
+        return control
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.meter.exclude_since_mark()
+
+    def on_save(self, args, state, control, **kwargs):
+        step = state.global_step
+        path = os.path.join(args.output_dir, f"checkpoint-{step}")
+        started = self.meter.mark
+        distributed.barrier()  # every rank has written its part
+        if self.fsync and args.local_process_index == 0:
+            checkpoints.flush_to_disk()
+        distributed.barrier()
+        if os.environ.get(FAULT_ENV) == f"kill_before_mark:{step}" and args.process_index == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if args.should_save:
+            checkpoints.mark_complete(path, step, world_size=args.world_size)
+            removed = checkpoints.rotate(args.output_dir, self.keep)
+            if args.process_index == 0:
+                took = time.perf_counter() - started
+                note = f" (removed {', '.join(os.path.basename(p) for p in removed)})" if removed else ""
+                console()(f"saved checkpoint-{step} in {took:.1f}s{note}")
+        self.meter.exclude_since_mark()
+
+
+class ProgressCallback(TrainerCallback):
+    """Rank 0: progress bar on a terminal, a line per log interval, metrics files."""
+
+    def __init__(self, writer: MetricsWriter):
+        self.writer = writer
+        self.bar = None
+        self.started = None
+        self.start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.time()
+        self.start_step = state.global_step
+        if state.is_world_process_zero:
+            self.bar = progress_bar(state.max_steps, state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.time()
+        if "loss" in logs and "tokens_per_s" in logs:
+            w = self.writer
+            prev = w.history[-1] if w.history else {}
+            tokens = prev.get("tokens", w.tokens_before) + logs["interval_tokens"]
+            elapsed = prev.get("elapsed_s", w.elapsed_before) + logs["interval_s"]
+            done = state.global_step - self.start_step
+            eta = (now - self.started) / done * (state.max_steps - state.global_step) if done else None
+            entry = {
+                "step": state.global_step,
+                "epoch": logs.get("epoch"),
+                "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens": tokens,
+                "tokens_per_s": logs["tokens_per_s"],
+                "mfu": logs["mfu"],
+                "memory_gb": logs["memory_gb"],
+                "elapsed_s": elapsed,
+                "eta_s": eta,
+                "time": now,
+            }
+            w.write(entry)
+            console()(format_line(entry, state.max_steps))
+        elif any(k.startswith("eval_") for k in logs):
+            entry = {"step": state.global_step, "time": now, **{k: v for k, v in logs.items() if k.startswith("eval_")}}
+            self.writer.write_eval(entry)
+            console()(f"eval at step {state.global_step}: " + ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k.startswith("eval_")))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
