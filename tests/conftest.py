@@ -1,8 +1,13 @@
 import sys
 from pathlib import Path
 
-# tests/integration/lab.py is imported as `lab` by the integration tests.
-sys.path.insert(0, str(Path(__file__).parent / "integration"))
+ROOT = Path(__file__).resolve().parents[1]
+# The modules' logic lives in plugins/module_utils and the filters in plugins/filter: plain Python
+# that tests import directly (Ansible finds them through ansible.cfg). tests/integration/lab.py is
+# imported as `lab` by the lab tests.
+for path in (ROOT / "plugins" / "module_utils", ROOT / "plugins" / "filter", ROOT / "tests" / "integration"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 
 def pytest_configure(config):

@@ -282,6 +282,7 @@ def save_final_model(trainer, tokenizer, out_dir, lora_args):
             if base.config.tie_word_embeddings:
                 merged.pop("lm_head.weight", None)
             merged = {k: v.contiguous() for k, v in merged.items()}
+            os.makedirs(tmp)
             save_torch_state_dict(merged, tmp, max_shard_size="5GB")
             base.config.save_pretrained(tmp)
             if base.generation_config is not None:

@@ -16,7 +16,14 @@ from train import distributed
 logger = logging.getLogger("train")
 
 def _setup_logging(rank):
+    import warnings
+
     import transformers
+
+    # DeepSpeed still calls torch.distributed's renamed collectives; say it once, not every step
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    # peft asks the model with the pre-5.2x name
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(format="[%(asctime)s] [rank %(rank)s] %(levelname)s %(name)s: %(message)s",
@@ -37,6 +44,7 @@ def _setup_logging(rank):
         disable_progress_bars()
     except ImportError:
         pass
+    logging.getLogger("huggingface_hub").setLevel(logging.WARNING)
     # DeepSpeed logs every engine detail at INFO; keep warnings.
     try:
         from deepspeed.utils import logger as ds_logger
@@ -161,7 +169,6 @@ def train(pre, rank, local_rank, world_size, say, state):
     if writer is not None:
         trainer.add_callback(ProgressCallback(writer))
 
-    meter.restart()
     trainer.train(resume_from_checkpoint=resume_from)
     eval_loss = None
     if datasets.eval is not None:

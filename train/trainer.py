@@ -58,6 +58,9 @@ class CheckpointCallback(TrainerCallback):
         self.keep = keep
         self.fsync = fsync
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.meter.restart()  # engine set-up and checkpoint loading are not training time
+
     def on_step_end(self, args, state, control, **kwargs):
         self.meter.mark = time.perf_counter()
         if state.global_step >= state.max_steps:
@@ -136,8 +139,8 @@ class ProgressCallback(TrainerCallback):
         elif any(k.startswith("eval_") for k in logs):
             entry = {"step": state.global_step, "time": now, **{k: v for k, v in logs.items() if k.startswith("eval_")}}
             self.writer.write_eval(entry)
-            console()(f"eval at step {state.global_step}: " + ", ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k.startswith("eval_")))
+            if "eval_loss" in entry:
+                console()(f"eval at step {state.global_step}: loss {entry['eval_loss']:.4f}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:

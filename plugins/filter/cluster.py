@@ -13,6 +13,16 @@ def cluster_address(hostvars):
     raise ValueError("cluster_address: the host has neither cluster_address, ansible_host nor a name")
 
 
+def cluster_node(hostvars):
+    """The fields of one host that the cluster model checks (see cluster_inventory_check)."""
+    return {
+        "name": str(hostvars.get("inventory_hostname")),
+        "ansible_host": hostvars.get("ansible_host"),
+        "cluster_address": cluster_address(hostvars),
+        "gpus": hostvars.get("gpus"),
+    }
+
+
 class FilterModule:
     def filters(self):
-        return {"cluster_address": cluster_address}
+        return {"cluster_address": cluster_address, "cluster_node": cluster_node}
