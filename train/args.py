@@ -64,6 +64,8 @@ class RunArguments:
         "help": "Delete checkpoints, metrics and final model already in output_dir and start over."})
     final_model_dir: str | None = field(default=None, metadata={
         "help": "Where the trained model goes (default <output_dir>/final_model)."})
+    save_final_model: bool = field(default=True, metadata={
+        "help": "Write the final model (benchmarks may skip the gather and write)."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak TFLOPS per device for MFU (default: known GPUs' dense bf16/fp16 peak; none on CPU)."})
     fsync_checkpoints: bool = field(default=True, metadata={
@@ -74,7 +76,7 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, LoraArguments, RunArguments)
 
 # Defaults that differ from TrainingArguments' when the user says nothing.
 OUR_DEFAULTS = {
-    "logging_steps": 10,
+    "logging_steps": 5,
     "logging_first_step": True,
     "disable_tqdm": True,  # the package draws its own progress bar
     "remove_unused_columns": False,
@@ -191,7 +193,8 @@ def reconcile_with_ds_config(ds_config, given, world_size):
         if m is not None and a is not None and "per_device_train_batch_size" not in given \
                 and "gradient_accumulation_steps" not in given and m * a * world_size != total:
             raise ConfigError(f"DeepSpeed config: train_batch_size {total} != train_micro_batch_size_per_gpu {m} "
-                              f"x gradient_accumulation_steps {a} x world size {world_size} = {m * a * world_size}")
+                              f"x gradient_accumulation_steps {a} x world size {world_size} = {m * a * world_size} "
+                              "(was it made for another number of ranks?)")
     adopt("gradient_clipping", "max_grad_norm", float)
     adopt("bf16.enabled", "bf16", bool)
     adopt("fp16.enabled", "fp16", bool)
@@ -291,7 +294,8 @@ def parse(pre, world_size, configured_state):
     for name, value in extra.items():
         full = _strip_flag(full, name) if value is None else full + _flag(name, value)
     model_args, data_args, lora_args, run_args, training_args = parser.parse_args_into_dataclasses(args=full)
-    model_args.model_name_or_path = os.path.abspath(model_args.model_name_or_path)
+    if os.path.exists(model_args.model_name_or_path):  # (a missing one is reported as given)
+        model_args.model_name_or_path = os.path.abspath(model_args.model_name_or_path)
     ds_source = raw.deepspeed if isinstance(raw.deepspeed, str) and not raw.deepspeed.lstrip().startswith("{") \
         else "inline"
     info = {"given": sorted(given), "ds_config": ds_config, "save_total_limit": save_total_limit,

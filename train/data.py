@@ -115,7 +115,7 @@ def read_jsonl(path):
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
             try:

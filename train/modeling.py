@@ -259,6 +259,8 @@ def save_final_model(trainer, tokenizer, out_dir, lora_args):
     written = []
 
     state_dict = _full_state_dict(trainer, trainable_only=is_peft and not lora_args.merge_lora)
+    config = (model.get_base_model() if is_peft else model).config
+    config.use_cache = True  # off for training (packing needs it off); inference wants the KV cache
     if main:
         tmp = out_dir + ".tmp"
         if os.path.exists(tmp):

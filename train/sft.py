@@ -174,7 +174,7 @@ def train(pre, rank, local_rank, world_size, say, state):
     if datasets.eval is not None:
         eval_loss = trainer.evaluate().get("eval_loss")
 
-    written = modeling.save_final_model(trainer, tokenizer, final_dir, lora_args)
+    written = modeling.save_final_model(trainer, tokenizer, final_dir, lora_args) if run_args.save_final_model else []
     distributed.barrier()
     if rank == 0:
         history = writer.history
@@ -190,7 +190,7 @@ def train(pre, rank, local_rank, world_size, say, state):
             "tokens": last.get("tokens", 0),
             "seconds": last.get("elapsed_s", 0.0),
             "tokens_per_s": last.get("tokens", 0) / last["elapsed_s"] if last.get("elapsed_s") else None,
-            "mfu_last": last.get("mfu"),
+            **steady_throughput(history, meter),
             "wall_seconds": time.time() - started,
             "final_model": written[0] if written else None,
             "final_model_merged": written[1] if len(written) > 1 else None,
@@ -201,10 +201,21 @@ def train(pre, rank, local_rank, world_size, say, state):
         }
         metrics.write_summary(os.path.join(output_dir, "summary.json"), summary)
         writer.close()
-        say(f"done: {summary['steps']} steps, loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}"
+        loss = (f", loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}"
+                if summary["loss_first"] is not None else "")
+        say(f"done: {summary['steps']} steps{loss}"
             + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
             + f", {summary['tokens']} tokens in {summary['seconds']:.0f}s of training"
-            f" ({summary['wall_seconds']:.0f}s wall); model in {', '.join(written)}")
+            f" ({summary['wall_seconds']:.0f}s wall)" + (f"; model in {', '.join(written)}" if written else ""))
+
+
+def steady_throughput(history, meter):
+    """Tokens/s and MFU over the run without its first logged interval (start-up, warm-up)."""
+    if len(history) < 2 or history[-1]["elapsed_s"] <= history[0]["elapsed_s"]:
+        return {"tokens_per_s_steady": None, "mfu": None}
+    tps = (history[-1]["tokens"] - history[0]["tokens"]) / (history[-1]["elapsed_s"] - history[0]["elapsed_s"])
+    mfu = tps * meter.flops_per_token / (meter.peak_flops * meter.world_size) if meter.peak_flops else None
+    return {"tokens_per_s_steady": tps, "mfu": mfu}
 
 
 def main(argv=None):

@@ -36,10 +36,10 @@ DEFAULT_SETTINGS = {
     "fragmentation": 0.05,
     # Never plan to the last byte: fraction of the GPU kept free.
     "gpu_headroom": 0.03,
-    # Host: OS, page cache floor, daemons (per node) and each rank's own process (torch, CUDA host
-    # side, dataloader).
-    "host_reserved_gib": 16.0,
-    "host_per_rank_gib": 4.0,
+    # Host: OS, page cache floor, daemons (per node; default min(16 GiB, 10% of RAM)) and each
+    # rank's own process (torch, CUDA host side, dataloader; default 4 GiB, 1 GiB for CPU ranks).
+    "host_reserved_gib": None,
+    "host_per_rank_gib": None,
     # DeepSpeed's estimators multiply CPU-side offload memory by this (pinned buffers).
     "offload_buffer_factor": 1.5,
     # Size of one checkpoint shard file (HF writes ~5 GB shards); ZeRO-3 loads one at a time.
@@ -487,7 +487,13 @@ def host_bytes(model, job, cluster, stage, offload_optimizer, offload_param, set
     w = _bytes_per_value(cluster.precision)
     r = cluster.ranks_per_node
     N = cluster.world_size
-    base = settings["host_reserved_gib"] * GIB + r * settings["host_per_rank_gib"] * GIB
+    reserved = settings["host_reserved_gib"]
+    if reserved is None:
+        reserved = min(16.0, 0.1 * cluster.host_memory_gib)
+    per_rank = settings["host_per_rank_gib"]
+    if per_rank is None:
+        per_rank = 4.0 if cluster.device == "gpu" else 1.0
+    base = reserved * GIB + r * per_rank * GIB
     if stage == 3:
         # zero.Init: each rank reads one checkpoint shard at a time and keeps its partition.
         load = r * min(w * P, settings["checkpoint_shard_gib"] * GIB)
@@ -562,6 +568,7 @@ def estimate(model, job, cluster, cand, settings):
         "host": host,
         "host_usable": int(host_usable),
         "fits_gpu": reserved <= usable,
+        "unit": "GPU" if cluster.device == "gpu" else "CPU rank",
         "fits_host": host["peak"] <= host_usable,
     }
 
@@ -656,12 +663,11 @@ def _settings(settings):
 
 
 def _gpu_line(est):
-    st = est["model_states_total"]
-    return ("%.1f GiB per GPU (model states %.1f, activations %.1f, buffers %.1f, +%d%% fragmentation) "
-            "vs %.1f usable" % (_gib(est["peak_reserved"]), _gib(st), _gib(est["activations"]["total"]),
-                                _gib(sum(est["buffers"].values())),
-                                round((est["peak_reserved"] / max(est["peak_allocated"], 1) - 1) * 100),
-                                _gib(est["usable"])))
+    fmt = ("%.1f GiB per " + est["unit"] + " (model states %.1f, activations %.1f, buffers %.1f, "
+           "+%d%% fragmentation) vs %.1f usable")
+    return fmt % (_gib(est["peak_reserved"]), _gib(est["model_states_total"]), _gib(est["activations"]["total"]),
+                  _gib(sum(est["buffers"].values())),
+                  round((est["peak_reserved"] / max(est["peak_allocated"], 1) - 1) * 100), _gib(est["usable"]))
 
 
 def _reason(est):
@@ -711,36 +717,54 @@ def _smallest_plan(model, job, cluster, settings, overrides=None):
 
 
 def _what_would_fit(model, job, cluster, overrides, settings):
-    """Suggestions for an impossible job, each checked by planning it."""
+    """Suggestions for an impossible job, each one checked by planning it.
+
+    Tries more nodes, LoRA and shorter sequences, alone and combined, and reports the smallest
+    change of each kind that fits (one rank's micro-batch of 1, batch layout ignored).
+    """
+    def fits(j, c, o):
+        j = j.with_changes(global_batch_size=c.world_size)
+        return bool(_fits(_search(model, j, c, o, settings)))
+
     tips = []
-    one = job.with_changes(global_batch_size=cluster.world_size)
-
-    def fits(m, j, c, o):
-        return bool(_fits(_search(m, j, c, o, settings)))
-
-    if overrides:
-        if fits(model, one, cluster, None):
-            tips.append("drop the plan overrides %s: another plan fits" % json.dumps(overrides, sort_keys=True))
-    for nodes in sorted(set([cluster.nodes * k for k in (2, 3, 4, 6, 8, 16)] + [cluster.nodes + 1])):
-        c = cluster.with_nodes(nodes)
-        if fits(model, one.with_changes(global_batch_size=c.world_size), c, overrides):
-            tips.append("%d nodes of %d GPUs (instead of %d): the model states shard further"
-                        % (nodes, cluster.ranks_per_node, cluster.nodes))
-            break
-    if overrides and ("offload_optimizer" in overrides or "offload_param" in overrides):
-        o = dict((k, v) for k, v in overrides.items() if k not in ("offload_optimizer", "offload_param"))
-        if fits(model, one, cluster, o):
-            tips.append("allow offload to CPU (remove offload_* from the plan overrides)")
-    if job.finetune == "full":
-        lora = one.with_changes(finetune="lora")
-        if fits(model, lora, cluster, overrides):
-            tips.append("LoRA (rank %d) instead of a full fine-tune" % job.lora_rank)
+    if overrides and fits(job, cluster, None):
+        tips.append("drop the plan overrides %s: another plan fits" % json.dumps(overrides, sort_keys=True))
+    node_options = sorted(set([cluster.nodes + 1] + [cluster.nodes * k for k in (2, 3, 4, 6, 8, 16)]))
+    seq_options = []
     seq = job.seq_len
     while seq > 256:
         seq //= 2
-        if fits(model, one.with_changes(seq_len=seq), cluster, overrides):
-            tips.append("sequence length %d (instead of %d)" % (seq, job.seq_len))
-            break
+        seq_options.append(seq)
+    finetunes = [job.finetune] + (["lora"] if job.finetune == "full" else [])
+    found = []
+    for ft in finetunes:
+        for seq in [job.seq_len] + seq_options:
+            for nodes in [cluster.nodes] + node_options:
+                changes = (ft != job.finetune) + (seq != job.seq_len) + (nodes != cluster.nodes)
+                if changes == 0:
+                    continue
+                if fits(job.with_changes(finetune=ft, seq_len=seq), cluster.with_nodes(nodes), overrides):
+                    found.append((changes, ft, seq, nodes))
+                    break
+    # Smallest change of each kind: per set of changed dimensions, the first found.
+    kinds = {}
+    for changes, ft, seq, nodes in found:
+        kind = (ft != job.finetune, seq != job.seq_len, nodes != cluster.nodes)
+        if kind not in kinds:
+            kinds[kind] = (changes, ft, seq, nodes)
+    for changes, ft, seq, nodes in sorted(kinds.values())[:4]:
+        parts = []
+        if nodes != cluster.nodes:
+            parts.append("%d nodes of %d GPUs (instead of %d)" % (nodes, cluster.ranks_per_node, cluster.nodes))
+        if ft != job.finetune:
+            parts.append("LoRA rank %d instead of a full fine-tune" % job.lora_rank)
+        if seq != job.seq_len:
+            parts.append("sequence length %d (instead of %d)" % (seq, job.seq_len))
+        tips.append(" + ".join(parts))
+    if overrides and ("offload_optimizer" in overrides or "offload_param" in overrides):
+        o = dict((k, v) for k, v in overrides.items() if k not in ("offload_optimizer", "offload_param"))
+        if fits(job, cluster, o):
+            tips.append("allow offload to CPU (remove offload_* from the plan overrides)")
     return tips
 
 
@@ -795,6 +819,7 @@ def plan(model, cluster, job, overrides=None, settings=None):
             by_key[key] = (t, c, est)
     rejected = [{"plan": by_key[k][1].label(), "relative_step_time": by_key[k][0], "why_not": _reason(by_key[k][2])}
                 for k in order]
+    rejected.sort(key=lambda r: r["relative_step_time"])
     accum = per_rank // best.micro_batch
     warnings = []
     if model.max_position_embeddings and job.seq_len > model.max_position_embeddings:

@@ -1,0 +1,102 @@
+# -*- coding: utf-8 -*-
+"""Atomic, idempotent file writes shared by the deepspeed_* modules (stdlib only).
+
+write_file() compares the wanted bytes and mode with what is on disk, reports honestly whether
+anything would change, and writes through a temporary file in the same directory followed by
+os.replace(), so a failed or interrupted run never leaves a half-written file behind.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+import os
+import stat
+import tempfile
+
+
+class FileWriteError(Exception):
+    pass
+
+
+def _read(path):
+    try:
+        with open(path, "rb") as fd:
+            return fd.read()
+    except (IOError, OSError):
+        return None
+
+
+def _text(data):
+    if data is None:
+        return ""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "<binary>\n"
+
+
+def write_file(path, content, mode=0o644, check_mode=False):
+    """Make `path` hold `content` (str or bytes) with permission bits `mode`.
+
+    Returns {"changed": bool, "diff": {...}} where diff is Ansible's before/after structure.
+    """
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        if check_mode:
+            # A check run before the directory is created: the file would be new.
+            return {"changed": True, "diff": {"before_header": path, "after_header": path, "before": "",
+                                              "after": _text(content)}}
+        raise FileWriteError("directory %s does not exist (create it first)" % directory)
+    if os.path.isdir(path):
+        raise FileWriteError("%s is a directory" % path)
+    before = _read(path)
+    current_mode = None
+    if before is not None:
+        current_mode = stat.S_IMODE(os.stat(path).st_mode)
+    content_changed = before != content
+    mode_changed = mode is not None and current_mode is not None and current_mode != mode
+    diff = {"before_header": path, "after_header": path, "before": _text(before), "after": _text(content)}
+    changed = content_changed or mode_changed
+    if not changed or check_mode:
+        return {"changed": changed, "diff": diff}
+    if not content_changed:
+        os.chmod(path, mode)
+        return {"changed": True, "diff": diff}
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, mode if mode is not None else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename itself is atomic
+    return {"changed": True, "diff": diff}
+
+
+def parse_mode(value, default=0o644):
+    """Accept 0644, '0644', '644' or 420 (int) as Ansible users write modes."""
+    if value is None:
+        return default
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise FileWriteError("mode %r is not an octal number like '0644'" % (value,))

@@ -1,0 +1,195 @@
+"""Job control for a detached `deepspeed --hostfile` launch on the master: start it under a run id,
+read its state, stop it. A run directory holds:
+
+    run.json          the runs so far (id, command, pid, start time), newest last
+    logs/<id>.log     the launcher's output for each run; launch.log points to the newest
+    exit_code         written by the wrapper when the launcher ends ("stopped" when stop.yml ended it)
+and the training package writes <output_dir>/metrics.jsonl and summary.json.
+Pure functions plus small process helpers; the deepspeed_job module wraps them.
+"""
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+
+# pdsh's own report of a node whose ssh session ended badly, e.g.
+# "pdsh@node1: node2: ssh exited with exit code 255"
+_PDSH_EXIT = re.compile(r"pdsh@\S+: (?P<node>[^\s:]+): ssh exited with exit code (?P<code>\d+)")
+# a rank's line, as pdsh prefixes it: "node2: Traceback ..." / "node2: ... Error ..."
+_RANK_ERROR = re.compile(r"^(?P<node>[^\s:]+): .*(Traceback|Error|Killed|exits with return code = (?!0\b))")
+
+
+def read_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def write_json_atomic(path, data):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def pid_alive(pid):
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (our own finished child) is not running
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def current_run(run_dir):
+    runs = read_json(os.path.join(run_dir, "run.json"), {}).get("runs", [])
+    return runs[-1] if runs else None
+
+
+def last_metrics(metrics_path):
+    """The last logged training step (a dict) from metrics.jsonl, or None."""
+    try:
+        with open(metrics_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row and "loss" in row:
+            return row
+    return None
+
+
+def failed_nodes(log_text):
+    """Nodes the launcher's log blames, in the order first seen."""
+    nodes = []
+    for line in log_text.splitlines():
+        m = _PDSH_EXIT.search(line) or _RANK_ERROR.search(line)
+        if m and m.group("node") not in nodes and not m.group("node").startswith("pdsh@"):
+            nodes.append(m.group("node"))
+    return nodes
+
+
+def tail(path, lines=20):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 32768))
+            return f.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def job_status(run_dir, output_dir):
+    """state: none | running | finished | failed | stopped, with the run's numbers."""
+    run = current_run(run_dir)
+    if run is None:
+        return {"state": "none", "run_dir": run_dir}
+    exit_path = os.path.join(run_dir, "exit_code")
+    exit_code = open(exit_path).read().strip() if os.path.exists(exit_path) else None
+    log = os.path.join(run_dir, "logs", f"{run['id']}.log")
+    if pid_alive(run.get("pid")) and exit_code is None:
+        state = "running"
+    elif exit_code == "0":
+        state = "finished"
+    elif exit_code == "stopped":
+        state = "stopped"
+    else:
+        state = "failed"
+    status = {"state": state, "run_id": run["id"], "run_dir": run_dir, "pid": run.get("pid"),
+              "started": run.get("started"), "exit_code": exit_code, "log": log}
+    metrics = last_metrics(os.path.join(output_dir, "metrics.jsonl"))
+    if metrics:
+        status.update(step=metrics.get("step"), loss=metrics.get("loss"),
+                      tokens_per_s=metrics.get("tokens_per_s"), metrics=metrics)
+    summary = read_json(os.path.join(output_dir, "summary.json"))
+    if summary and state == "finished":
+        status["summary"] = summary
+    if state == "failed":
+        text = "\n".join(tail(log, 400))
+        status["failed_nodes"] = failed_nodes(text)
+        status["failed_node"] = status["failed_nodes"][0] if status["failed_nodes"] else None
+        status["log_tail"] = tail(log, 15)
+    return status
+
+
+def start(run_dir, command, cwd, env, run_id):
+    """Start `command` detached (its own session) under the run id; return the run's record."""
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    log = os.path.join(run_dir, "logs", f"{run_id}.log")
+    exit_path = os.path.join(run_dir, "exit_code")
+    if os.path.exists(exit_path):
+        os.remove(exit_path)
+    cmd = " ".join(shlex.quote(c) for c in command)
+    # The wrapper records how the launcher ended; stop.yml writes "stopped" itself.
+    wrapper = f"{cmd}; rc=$?; [ -e {shlex.quote(exit_path)} ] || echo $rc > {shlex.quote(exit_path)}"
+    with open(log, "ab") as out, open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen(["bash", "-c", wrapper], cwd=cwd, env=dict(os.environ, **env), stdin=devnull,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    link = os.path.join(run_dir, "launch.log")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(os.path.join("logs", f"{run_id}.log"), link)
+    record = {"id": run_id, "pid": proc.pid, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
+              "cwd": cwd}
+    runs = read_json(os.path.join(run_dir, "run.json"), {}).get("runs", [])
+    write_json_atomic(os.path.join(run_dir, "run.json"), {"runs": runs + [record]})
+    return record
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{int(pid)}/task/{int(pid)}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def stop(run_dir, grace_seconds=30):
+    """Stop the run: Ctrl-C to the deepspeed launcher (it then ends the ranks on every node through
+    pdsh), then SIGTERM and SIGKILL to its whole process group if it lingers. True if it was running."""
+    run = current_run(run_dir)
+    if not run or not pid_alive(run.get("pid")):
+        return False
+    with open(os.path.join(run_dir, "exit_code"), "w") as f:
+        f.write("stopped\n")
+    pgid = int(run["pid"])
+    steps = [(lambda: [os.kill(c, signal.SIGINT) for c in children(pgid)], grace_seconds),
+             (lambda: os.killpg(pgid, signal.SIGTERM), 10),
+             (lambda: os.killpg(pgid, signal.SIGKILL), 5)]
+    for send, wait in steps:
+        try:
+            send()
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            if not pid_alive(pgid):
+                return True
+            time.sleep(0.5)
+    return True
+
+
+def kill_ranks_command(marker):
+    """The shell command that ends any rank still running for this run on a node."""
+    return f"pkill -TERM -f -- {shlex.quote(marker)}; sleep 2; pkill -KILL -f -- {shlex.quote(marker)}; true"

@@ -1,0 +1,68 @@
+"""Runs the preflight's probes from the master: BatchMode ssh to every node, dsmesh.probe on every
+node through pdsh, and a short all-reduce through `deepspeed --hostfile` (the launch path itself).
+Nothing is written on any node except a temporary hostfile and env file on the master, removed after."""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ansible.module_utils.ds_hostfile import render_hostfile
+
+
+def check_mesh(addresses, timeout=10):
+    """{address: (ok, detail)} for BatchMode ssh with strict host key checking."""
+    def one(address):
+        proc = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                               "-o", f"ConnectTimeout={timeout}", address, "true"],
+                              capture_output=True, text=True, timeout=timeout + 20)
+        return address, (proc.returncode == 0, None if proc.returncode == 0 else
+                         f"ssh {address} failed: {proc.stderr.strip() or proc.returncode}")
+    with ThreadPoolExecutor(max_workers=min(32, len(addresses) or 1)) as pool:
+        return dict(pool.map(one, addresses))
+
+
+def run_probes(addresses, python, code_dir, paths, disk, checksum=True, timeout=10):
+    """pdsh stdout, stderr, and the master's clock before and after."""
+    args = [python, "-m", "dsmesh.probe"] + [f"--path={k}={v}" for k, v in paths.items()]
+    if disk:
+        args.append(f"--disk={disk}")
+    if not checksum:
+        args.append("--no-checksum")
+    remote = f"cd {shlex.quote(code_dir)} && " + " ".join(shlex.quote(a) for a in args)
+    cmd = ["pdsh", "-R", "ssh", "-t", str(timeout), "-w", ",".join(addresses), remote]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return proc.stdout, proc.stderr, started, time.time()
+
+
+def run_collective(entries, launcher, master_addr, master_port, code_dir, env, timeout_s=180,
+                   size_mb=64.0, extra_launcher_args=()):
+    """Launch dsmesh.allreduce with `deepspeed --hostfile` from code_dir; (result or None, output)."""
+    with tempfile.TemporaryDirectory(prefix="dsmesh-preflight-") as tmp:
+        hostfile = os.path.join(tmp, "hostfile")
+        with open(hostfile, "w") as f:
+            f.write(render_hostfile(entries))
+        env_file = os.path.join(tmp, "deepspeed_env")
+        with open(env_file, "w") as f:
+            f.write("".join(f"{k}={v}\n" for k, v in env.items()))
+        cmd = [launcher, "--hostfile", hostfile, "--launcher", "pdsh", "--master_addr", master_addr,
+               "--master_port", str(master_port), *extra_launcher_args,
+               "--module", "dsmesh.allreduce", "--size_mb", str(size_mb)]
+        run_env = dict(os.environ, DS_ENV_FILE=env_file, PYTHONPATH=code_dir, **env)
+        proc = subprocess.Popen(cmd, cwd=code_dir, env=run_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            out, _ = proc.communicate()
+            out += f"\n[preflight] the all-reduce did not finish in {timeout_s} s and was stopped"
+    result = None
+    for line in out.splitlines():
+        if "DSMESH_ALLREDUCE " in line:
+            result = json.loads(line.split("DSMESH_ALLREDUCE ", 1)[1])
+    return result, " ".join(shlex.quote(c) for c in cmd), out

@@ -1,0 +1,144 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: deepspeed_job
+short_description: Start, query or stop a detached C(deepspeed --hostfile) launch on the master
+description:
+  - C(state=started) starts the command detached (its own session, output to
+    C(RUN_DIR/logs/RUN_ID.log), C(RUN_DIR/launch.log) pointing at the newest) and records the run in
+    C(RUN_DIR/run.json). It refuses while a run of this run directory is still going.
+  - C(state=status) reports the newest run - C(none), C(running), C(finished), C(failed) or C(stopped) - with
+    the last logged step, loss and tokens/s from C(OUTPUT_DIR/metrics.jsonl), and for a failed run the
+    nodes the launcher's log blames. It changes nothing.
+  - C(state=stopped) interrupts the launcher (which ends the ranks on every node), then makes sure no rank
+    of this run is left on any node (C(pkill) through pdsh).
+options:
+  state:
+    description: What to do.
+    type: str
+    choices: [started, status, stopped]
+    default: status
+  run_dir:
+    description: The run's directory on the master.
+    type: path
+    required: true
+  output_dir:
+    description: The training's output directory (metrics.jsonl, summary.json, checkpoints).
+    type: path
+    required: true
+  run_name:
+    description: Prefix of the run id (C(RUN_NAME-YYYYmmdd-HHMMSS)).
+    type: str
+    default: run
+  command:
+    description: The launcher's argv, for C(state=started).
+    type: list
+    elements: str
+  chdir:
+    description: Working directory of the launcher (it must exist on every node; ranks run there too).
+    type: path
+  environment:
+    description: Variables for the launcher (for example C(DS_ENV_FILE)).
+    type: dict
+    default: {}
+  nodes:
+    description: Addresses of every node, for C(state=stopped)'s clean-up through pdsh.
+    type: list
+    elements: str
+    default: []
+author: dsmesh
+"""
+
+EXAMPLES = r"""
+- name: Launch
+  deepspeed_job:
+    state: started
+    run_dir: /var/lib/dsmesh/runs/demo
+    output_dir: /var/lib/dsmesh/runs/demo/output
+    command: [/opt/venv/bin/deepspeed, --hostfile, /var/lib/dsmesh/runs/demo/hostfile, --module, train]
+    chdir: /opt/dsmesh/src
+
+- name: Status
+  deepspeed_job:
+    run_dir: /var/lib/dsmesh/runs/demo
+    output_dir: /var/lib/dsmesh/runs/demo/output
+  register: job
+"""
+
+RETURN = r"""
+job_status:
+  description: The newest run's state and numbers (state, run_id, pid, exit_code, step, loss, tokens_per_s,
+    failed_node, log, log_tail).
+  returned: always
+  type: dict
+run_id:
+  description: Id of the run started (state=started).
+  returned: when started
+  type: str
+"""
+
+import os
+import subprocess
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.jobctl import job_status, kill_ranks_command, start, stop
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", choices=["started", "status", "stopped"], default="status"),
+            run_dir=dict(type="path", required=True),
+            output_dir=dict(type="path", required=True),
+            run_name=dict(type="str", default="run"),
+            command=dict(type="list", elements="str"),
+            chdir=dict(type="path"),
+            environment=dict(type="dict", default={}),
+            nodes=dict(type="list", elements="str", default=[]),
+        ),
+        required_if=[("state", "started", ("command", "chdir"))],
+        supports_check_mode=True,
+    )
+    p = module.params
+    before = job_status(p["run_dir"], p["output_dir"])
+
+    if p["state"] == "status":
+        module.exit_json(changed=False, job_status=before)
+
+    if p["state"] == "started":
+        if before["state"] == "running":
+            module.fail_json(msg=f"a job is already running in {p['run_dir']}: run {before['run_id']} "
+                                 f"(pid {before['pid']}, since {before['started']}). Wait for it, or stop it "
+                                 "with playbooks/stop.yml.", job_status=before)
+        run_id = f"{p['run_name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if module.check_mode:
+            module.exit_json(changed=True, run_id=run_id, job_status=before)
+        start(p["run_dir"], p["command"], p["chdir"], {k: str(v) for k, v in p["environment"].items()}, run_id)
+        module.exit_json(changed=True, run_id=run_id, job_status=job_status(p["run_dir"], p["output_dir"]))
+
+    # stopped
+    if module.check_mode:
+        module.exit_json(changed=before["state"] == "running", job_status=before)
+    was_running = stop(p["run_dir"])
+    leftovers = []
+    if p["nodes"]:
+        # Ranks are found by their --output_dir=..., unique to this run directory; "[-]" keeps the
+        # pattern from matching the shell that runs pgrep itself.
+        marker = f"[-]-output_dir={p['output_dir']}"
+        check = subprocess.run(["pdsh", "-R", "ssh", "-w", ",".join(p["nodes"]),
+                                f"pgrep -f -- '{marker}' >/dev/null && echo left || true"],
+                               capture_output=True, text=True)
+        leftovers = sorted(line.split(":", 1)[0] for line in check.stdout.splitlines() if line.endswith("left"))
+        if leftovers:
+            subprocess.run(["pdsh", "-R", "ssh", "-w", ",".join(leftovers), kill_ranks_command(marker)],
+                           capture_output=True, text=True)
+    module.exit_json(changed=was_running or bool(leftovers), stopped_ranks_on=leftovers,
+                     job_status=job_status(p["run_dir"], p["output_dir"]))
+
+
+if __name__ == "__main__":
+    main()

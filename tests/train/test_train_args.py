@@ -1,0 +1,114 @@
+"""Arguments: YAML/JSON files, values taken from the DeepSpeed config, disagreements reported early."""
+
+import json
+
+import pytest
+
+from train.args import ConfigError, expand_config_file, explicit_names, parse, preparse, reconcile_with_ds_config
+
+@pytest.fixture(autouse=True)
+def no_leftover_deepspeed_state():
+    """TrainingArguments with a DeepSpeed config set process-wide state (env, a ZeRO-3 flag that
+    from_pretrained obeys); don't let it reach the other tests in this process."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+BASE = ["--model_name_or_path", "/m", "--dataset", "d.jsonl", "--output_dir", "/o"]
+
+
+def build(argv, world_size=1):
+    return parse(preparse(argv), world_size, configured_state=False)
+
+
+def ds_file(tmp_path, config):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+PLANNED = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 8,
+           "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}, "gradient_clipping": 0.5}
+
+
+def test_values_come_from_the_deepspeed_config_when_not_given(tmp_path):
+    *_, args, info = build(BASE + ["--deepspeed", ds_file(tmp_path, PLANNED)])
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_grad_norm) == (4, 2, 0.5)
+    assert args.bf16 is False
+    assert info["ds_config"]["zero_optimization"]["stage"] == 3
+
+
+def test_given_arguments_that_disagree_with_the_config_fail_before_loading_anything(tmp_path):
+    argv = BASE + ["--deepspeed", ds_file(tmp_path, PLANNED), "--per_device_train_batch_size", "8"]
+    with pytest.raises(ConfigError) as e:
+        build(argv)
+    msg = str(e.value)
+    assert "ds train_micro_batch_size_per_gpu=4 vs hf per_device_train_batch_size=8" in msg
+    assert "ds train_batch_size=8 vs hf train_batch_size (calculated)=16" in msg
+
+
+def test_config_made_for_another_world_size_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match=r"train_batch_size 8 != .* x world size 2 = 16 \(was it made for another"):
+        build(BASE + ["--deepspeed", ds_file(tmp_path, PLANNED)], world_size=2)
+
+
+def test_train_batch_size_stands_in_for_accumulation():
+    extra, _ = reconcile_with_ds_config({"train_micro_batch_size_per_gpu": 2, "train_batch_size": 16}, set(), 4)
+    assert extra["gradient_accumulation_steps"] == 2
+    with pytest.raises(ConfigError, match="not a multiple"):
+        reconcile_with_ds_config({"train_micro_batch_size_per_gpu": 3, "train_batch_size": 16}, set(), 4)
+
+
+def test_auto_config_takes_the_arguments(tmp_path):
+    auto = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 2},
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}}
+    *_, args, info = build(BASE + ["--deepspeed", ds_file(tmp_path, auto), "--per_device_train_batch_size", "3",
+                                   "--learning_rate", "2e-4"])
+    assert args.per_device_train_batch_size == 3
+    assert args.hf_deepspeed_config.config["train_micro_batch_size_per_gpu"] == 3
+    assert args.hf_deepspeed_config.config["optimizer"]["params"]["lr"] == 2e-4
+
+
+def test_offload_gets_a_deepspeed_optimizer_section():
+    _, cfg = reconcile_with_ds_config({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
+                                      set(), 1)
+    assert cfg["optimizer"]["type"] == "AdamW" and cfg["optimizer"]["params"]["lr"] == "auto"
+    _, cfg = reconcile_with_ds_config({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none"}}},
+                                      set(), 1)
+    assert "optimizer" not in cfg
+
+
+def test_yaml_file_then_flags_override(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_name_or_path: /m\ndataset: [a.jsonl, b.jsonl]\noutput_dir: /o\nlora: true\n"
+                   "learning_rate: 0.001\nmax_seq_length: 512\n")
+    argv = expand_config_file(["--local_rank=0", str(cfg), "--max_seq_length", "1024"])
+    model_args, data_args, lora_args, run_args, args, _ = build(argv)
+    assert data_args.dataset == ["a.jsonl", "b.jsonl"] and lora_args.lora and args.learning_rate == 0.001
+    assert data_args.max_seq_length == 1024
+    assert args.save_total_limit is None  # the package rotates checkpoints itself
+
+
+def test_package_defaults_and_explicit_names():
+    _, data_args, _, run_args, args, info = build(BASE + ["--save_total_limit", "2", "--no_packing"])
+    assert args.logging_steps == 5 and args.logging_first_step and not data_args.packing
+    assert info["save_total_limit"] == 2 and args.save_total_limit is None
+    assert explicit_names(["--a", "1", "--no_b", "--c-d=3", "x"]) == {"a", "b", "no_b", "c_d"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model_name_or_path", "/m", "--dataset", "d"], "--output_dir is required"),
+    (["--model_name_or_path", "/m", "--output_dir", "/o"], "give --dataset"),
+    (BASE + ["--frobnicate", "1"], "unknown arguments: --frobnicate 1"),
+])
+def test_argument_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        preparse(argv)

@@ -1,0 +1,223 @@
+"""Real training runs on the CPU: 2 ranks over gloo, through the `deepspeed` launcher (and torchrun).
+
+Each launch costs ~15-30 s of start-up on 2 cores, so every scenario is one module-scoped launch
+that several tests read: ZeRO-2 full, ZeRO-3 full, ZeRO-3 LoRA (+ merge), ZeRO-2 LoRA via torchrun,
+and a ZeRO-3 run killed in the middle of a save and then started again.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+STEPS = 30
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def ds_config(tmp, stage):
+    path = tmp / f"ds_zero{stage}.json"
+    path.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 4,
+        "zero_optimization": {"stage": stage}, "bf16": {"enabled": False}, "gradient_clipping": 1.0,
+    }))
+    return str(path)
+
+
+def launch(tiny_dir, out, config, extra=(), launcher="deepspeed", fault=None):
+    args = ["--model_name_or_path", str(tiny_dir), "--dataset", str(tiny_dir / "data" / "train.jsonl"),
+            "--eval_dataset", str(tiny_dir / "data" / "eval.jsonl"), "--output_dir", str(out),
+            "--deepspeed", config, "--max_seq_length", "256", "--max_steps", str(STEPS),
+            "--learning_rate", "1e-2", "--logging_steps", "1", "--save_steps", "10", "--seed", "1", *extra]
+    if launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module", "train", *args]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), "-m", "train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
+    env.pop("TRAIN_FAULT_INJECT", None)
+    if fault:
+        env["TRAIN_FAULT_INJECT"] = fault
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    Path(f"{out}.log").write_text(proc.stdout + proc.stderr)  # kept for debugging a failure
+    return proc
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out):
+    return {m["step"]: m["loss"] for m in metrics(out)}
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("launch")
+
+
+@pytest.fixture(scope="module")
+def zero2(work, tiny_dir):
+    out = work / "zero2"
+    return out, ok(launch(tiny_dir, out, ds_config(work, 2)))
+
+
+@pytest.fixture(scope="module")
+def zero3(work, tiny_dir):
+    out = work / "zero3"
+    return out, ok(launch(tiny_dir, out, ds_config(work, 3)))
+
+
+@pytest.fixture(scope="module")
+def lora3(work, tiny_dir):
+    out = work / "lora3"
+    return out, ok(launch(tiny_dir, out, ds_config(work, 3), ["--lora", "--merge_lora"]))
+
+
+@pytest.fixture(scope="module")
+def lora2_torchrun(work, tiny_dir):
+    out = work / "lora2"
+    return out, ok(launch(tiny_dir, out, ds_config(work, 2), ["--lora"], launcher="torchrun"))
+
+
+@pytest.fixture(scope="module")
+def crashed_and_resumed(work, tiny_dir):
+    """Same run as `zero3`, rank 0 SIGKILLed after checkpoint-20 is written but before it is marked."""
+    out = work / "crash"
+    crashed = launch(tiny_dir, out, ds_config(work, 3), fault="kill_before_mark:20")
+    state = {name: (out / name / "checkpoint_complete.json").exists() for name in ("checkpoint-10", "checkpoint-20")}
+    resumed = ok(launch(tiny_dir, out, ds_config(work, 3)))
+    return out, crashed, state, resumed
+
+
+def model_loss(model, tokenizer, texts):
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    with torch.no_grad():
+        return model(**enc, labels=labels).loss.item()
+
+
+def test_zero2_full_fine_tune_learns_and_reports(zero2, tiny_dir):
+    out, proc = zero2
+    m = metrics(out)
+    assert [e["step"] for e in m] == list(range(1, STEPS + 1))
+    for key in ("loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s", "mfu", "memory_gb", "elapsed_s"):
+        assert key in m[-1]
+    assert m[-1]["mfu"] is None and m[-1]["memory_gb"] > 0.1 and m[-1]["tokens_per_s"] > 0
+    first, last = m[0]["loss"], sum(e["loss"] for e in m[-5:]) / 5
+    assert first > 6.0 and last < first - 2.0, (first, last)  # ln(640) = 6.46 at random init
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == STEPS
+    assert summary["loss_first"] == first and summary["loss_last"] == m[-1]["loss"]
+    assert summary["eval_loss"] < first - 2.0
+    assert summary["tokens"] == m[-1]["tokens"] > 0 and summary["final_model"] == str(out / "final_model")
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert all((out / f"checkpoint-{s}" / "checkpoint_complete.json").exists() for s in (10, 20, 30))
+    assert f"step {STEPS}/{STEPS} | loss" in proc.stdout and "done: 30 steps" in proc.stdout
+
+
+def test_zero3_gives_the_same_losses_as_zero2(zero2, zero3):
+    a, b = losses(zero2[0]), losses(zero3[0])
+    assert a.keys() == b.keys()
+    assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-5)
+
+
+def test_saved_models_load_generate_and_are_the_trained_ones(zero2, zero3, tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(zero3[0] / "final_model")
+    texts = [json.loads(line) for line in (tiny_dir / "data" / "eval.jsonl").read_text().splitlines()]
+    texts = [t["prompt"] + t["completion"] for t in texts if "prompt" in t][:16]
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    m2 = AutoModelForCausalLM.from_pretrained(zero2[0] / "final_model")
+    m3 = AutoModelForCausalLM.from_pretrained(zero3[0] / "final_model")  # 16-bit gathered from ZeRO-3 shards
+    for name, p in m2.state_dict().items():
+        torch.testing.assert_close(m3.state_dict()[name], p, atol=1e-4, rtol=1e-3)
+    assert model_loss(m3, tok, texts) < model_loss(base, tok, texts) - 1.0
+    ids = tok("count from 3:", return_tensors="pt").input_ids
+    generated = m3.generate(ids, max_new_tokens=6, do_sample=False)
+    assert generated.shape[1] > ids.shape[1]
+
+
+def test_zero3_lora_adapter_and_merged_model(lora3, tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = lora3
+    m = metrics(out)
+    assert m[-1]["step"] == STEPS and sum(e["loss"] for e in m[-5:]) / 5 < m[0]["loss"] - 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_model_merged"] == str(out / "final_model_merged")
+    adapter_dir = out / "final_model"
+    assert (adapter_dir / "adapter_config.json").exists() and not (adapter_dir / "model.safetensors").exists()
+    tok = AutoTokenizer.from_pretrained(adapter_dir)
+    with_adapter = AutoModelForCausalLM.from_pretrained(adapter_dir)  # base from adapter_config, + adapter
+    merged = AutoModelForCausalLM.from_pretrained(out / "final_model_merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    ids = tok("5 plus 3 is 8", return_tensors="pt").input_ids
+    with torch.no_grad():
+        la, lm, lb = (x(ids).logits for x in (with_adapter, merged, base))
+    torch.testing.assert_close(lm, la, atol=1e-4, rtol=1e-4)
+    assert (la - lb).abs().max() > 0.1  # the adapter changed something
+    assert merged.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_zero2_lora_under_torchrun(lora2_torchrun):
+    out, _ = lora2_torchrun
+    m = metrics(out)
+    assert m[-1]["step"] == STEPS and sum(e["loss"] for e in m[-5:]) / 5 < m[0]["loss"] - 1.0
+    assert (out / "final_model" / "adapter_model.safetensors").exists()
+
+
+def test_killed_mid_save_then_restarted_matches_the_uninterrupted_run(crashed_and_resumed, zero3):
+    out, crashed, state, resumed = crashed_and_resumed
+    assert crashed.returncode != 0
+    assert state == {"checkpoint-10": True, "checkpoint-20": False}  # the half-saved one was never marked
+    assert "removed checkpoint-20: incomplete" in resumed.stdout
+    assert "resuming from checkpoint-10" in resumed.stdout
+    got, want = losses(out), losses(zero3[0])
+    assert sorted(got) == list(range(1, STEPS + 1))
+    # same data order and state from step 11 on: the same losses as the run that never stopped
+    assert [got[s] for s in range(11, STEPS + 1)] == pytest.approx([want[s] for s in range(11, STEPS + 1)], rel=1e-6)
+    run = json.loads((out / "run.json").read_text())
+    assert [s["resumed_from"] for s in run["starts"]] == [None, "checkpoint-10"]
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 10
+
+
+def run_cli(args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_restart_with_other_settings_is_refused(zero2, tiny_dir, work):
+    out, _ = zero2
+    proc = run_cli(["--model_name_or_path", str(tiny_dir), "--dataset", str(tiny_dir / "data" / "train.jsonl"),
+                    "--output_dir", str(out), "--deepspeed", ds_config(work, 2), "--max_seq_length", "512"])
+    assert proc.returncode == 2
+    assert "holds checkpoints of another run" in proc.stderr and "max_seq_length: 256 -> 512" in proc.stderr
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"  # left alone
+
+
+def test_malformed_data_stops_with_file_and_line(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 5}\n')
+    proc = run_cli(["--model_name_or_path", str(tiny_dir), "--dataset", str(bad), "--output_dir", str(tmp_path / "o")])
+    assert proc.returncode == 2
+    assert f"error: {bad}:2: 'completion' must be a string, got int" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,105 @@
+"""deepspeed_env: the variables remote ranks need, read back by DeepSpeed's own runner."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+from ansible.module_utils.ds_env import (NCCL_IFNAME_FALLBACK, EnvError, build_env, interface_for_address,
+                                         nccl_socket_ifname, omp_threads, parse_ip_addr, render_env)
+from conftest import run_module
+
+# `ip -o addr show` on a machine with podman bridges (captured on the CI machine).
+IP_ADDR = """\
+1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
+1: lo    inet6 ::1/128 scope host \\       valid_lft forever preferred_lft forever
+4: eth0    inet 192.0.2.2/24 brd 192.0.2.255 scope global eth0\\       valid_lft forever preferred_lft forever
+4: eth0    inet6 fd00::2/64 scope global nodad \\       valid_lft forever preferred_lft forever
+5: podman1    inet 10.89.0.1/24 brd 10.89.0.255 scope global podman1\\       valid_lft forever preferred_lft forever
+8: veth0    inet6 fe80::dc55:2ff:fe2f:6ab7/64 scope link \\       valid_lft forever preferred_lft forever
+12: bond0@if3    inet 172.16.80.33/24 brd 172.16.80.255 scope global bond0\\       valid_lft forever
+"""
+
+
+def test_interface_that_holds_the_cluster_address():
+    assert ("eth0", "192.0.2.2") in parse_ip_addr(IP_ADDR)
+    assert interface_for_address(IP_ADDR, "192.0.2.2") == "eth0"
+    assert interface_for_address(IP_ADDR, "fd00::2") == "eth0"
+    assert interface_for_address(IP_ADDR, "172.16.80.33") == "bond0"
+    assert interface_for_address(IP_ADDR, "10.89.0.1") == "podman1"
+    assert interface_for_address(IP_ADDR, "node33", resolver=lambda name: ["172.16.80.33"]) == "bond0"
+    assert interface_for_address(IP_ADDR, "127.0.0.1") is None
+    assert interface_for_address(IP_ADDR, "203.0.113.9") is None
+
+
+def test_nccl_interfaces_exact_names_for_every_node():
+    assert nccl_socket_ifname(["bond0", "bond0"]) == "=bond0"
+    assert nccl_socket_ifname(["eth1", "eth10"]) == "=eth1,eth10"
+    assert nccl_socket_ifname(["eth0", None]) is None
+    env = build_env(interfaces=["eth0", None])
+    assert env["NCCL_SOCKET_IFNAME"] == NCCL_IFNAME_FALLBACK and "GLOO_SOCKET_IFNAME" not in env
+    env = build_env(interfaces=["eth0", "eth0"])
+    assert env["NCCL_SOCKET_IFNAME"] == "=eth0" and env["GLOO_SOCKET_IFNAME"] == "eth0"
+    assert "GLOO_SOCKET_IFNAME" not in build_env(interfaces=["eth0", "ens5"])
+
+
+def test_defaults_and_user_variables():
+    env = build_env(user_vars={"WANDB_MODE": "offline", "OMP_NUM_THREADS": 4, "HF_HOME": None},
+                    venv="/opt/ds-venv/", omp_num_threads=12, hf_home="/root/.cache/huggingface",
+                    torch_extensions_dir="/root/.cache/torch_extensions", interfaces=["eth0"])
+    assert env["PATH"].startswith("/opt/ds-venv/bin:/usr/local/sbin:")
+    assert env["OMP_NUM_THREADS"] == "4"  # the user's value wins
+    assert "HF_HOME" not in env           # null removes a default
+    assert env["WANDB_MODE"] == "offline"
+    assert omp_threads(96, 8) == 12 and omp_threads(None, 8) == 1 and omp_threads(4, 8) == 1
+
+
+@pytest.mark.parametrize("key,value", [("A B", "1"), ("X", "$HOME/x"), ("X", "a`id`"), ("X", 'say "hi"'),
+                                       ("X", "two\nlines"), ("X", " padded")])
+def test_values_the_runner_would_mangle_are_refused(key, value):
+    with pytest.raises(EnvError):
+        render_env({key: value})
+
+
+def test_deepspeed_runner_exports_the_file_on_remote_ranks(tmp_path):
+    """Run DeepSpeed's real launcher (pdsh runner) with a pdsh that records its command line."""
+    launch = tmp_path / "launch"
+    home = tmp_path / "home"
+    fakebin = tmp_path / "bin"
+    for d in (launch, home, fakebin):
+        d.mkdir()
+    record = tmp_path / "pdsh-args"
+    pdsh = fakebin / "pdsh"
+    pdsh.write_text("#!/bin/sh\nprintf '%%s\\n' \"$@\" > %s\n" % record)
+    pdsh.chmod(pdsh.stat().st_mode | stat.S_IEXEC)
+    (launch / "hostfile").write_text("172.16.80.33 slots=8\n172.16.80.31 slots=8\n")
+    env_vars = build_env(user_vars={"WANDB_MODE": "offline"}, venv="/opt/ds-venv", omp_num_threads=12,
+                         hf_home="/root/.cache/huggingface", torch_extensions_dir="/root/.cache/torch_extensions",
+                         interfaces=["bond0", "ens5"])
+    (launch / ".deepspeed_env").write_text(render_env(env_vars))
+    run_env = dict(os.environ, HOME=str(home), PATH=str(fakebin) + os.pathsep + os.environ["PATH"])
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", "hostfile",
+                           "--launcher", "pdsh", "--master_addr", "172.16.80.33", "--no_ssh_check",
+                           "train.py", "--deepspeed", "ds_config.json"],
+                          cwd=str(launch), env=run_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    args = record.read_text().splitlines()
+    assert args[args.index("-w") + 1] == "172.16.80.33,172.16.80.31"
+    remote = " ".join(args)
+    for key, value in env_vars.items():
+        quoted = value if all(c.isalnum() or c in "_@%+=:,./-" for c in value) else '"%s"' % value
+        assert "export %s=%s;" % (key, quoted) in remote
+    assert "--master_addr=172.16.80.33" in remote
+
+
+def test_module_writes_idempotently(tmp_path):
+    dest = tmp_path / ".deepspeed_env"
+    args = {"dest": str(dest), "venv": "/opt/ds-venv", "cpu_cores": 96, "ranks_per_node": 8,
+            "interfaces": ["bond0", "bond0"], "env": {"NCCL_DEBUG": "WARN"}}
+    first = run_module("deepspeed_env", args, diff=True)
+    assert first["changed"] and "OMP_NUM_THREADS=12\n" in dest.read_text()
+    assert first["env"]["NCCL_SOCKET_IFNAME"] == "=bond0"
+    assert not run_module("deepspeed_env", args)["changed"]
+    bad = run_module("deepspeed_env", dict(args, env={"X": "$(reboot)"}))
+    assert bad["failed"] and dest.read_text() == first["content"]

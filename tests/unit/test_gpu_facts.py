@@ -1,0 +1,76 @@
+"""gpu_facts: nvidia-smi parsing, bf16 support, and the module on a node with and without GPUs."""
+
+import stat
+import subprocess
+
+import pytest
+from ansible.module_utils.ds_env import parse_ip_addr
+from ansible.module_utils.ds_gpu import parse_meminfo, parse_nvidia_smi, summarize, supports_bf16
+from conftest import run_module
+
+H20_X8 = "".join("%d, NVIDIA H20, 97871, 9.0\n" % i for i in range(8))
+V100_OLD_DRIVER = "0, Tesla V100-SXM2-32GB, 32768\n1, Tesla V100-SXM2-32GB, 32768\n"
+
+
+def test_parse_h20_node():
+    facts = summarize(parse_nvidia_smi(H20_X8))
+    assert facts["gpu_count"] == 8 and facts["gpu_model"] == "NVIDIA H20"
+    assert facts["gpu_memory_gb"] == 95.58 and facts["gpu_bf16"] is True
+    assert facts["gpu_compute_capability"] == "9.0"
+
+
+def test_parse_old_driver_without_compute_cap():
+    facts = summarize(parse_nvidia_smi(V100_OLD_DRIVER))
+    assert facts["gpu_count"] == 2 and facts["gpu_memory_gb"] == 32.0 and facts["gpu_bf16"] is False
+
+
+def test_cpu_only_node_reports_none():
+    facts = summarize([])
+    assert facts["gpu_count"] == 0 and facts["gpu_model"] is None and facts["gpu_memory_gb"] is None
+
+
+@pytest.mark.parametrize("name,cap,expected", [
+    ("NVIDIA H20", None, True), ("NVIDIA H100 80GB HBM3", None, True), ("NVIDIA A100-SXM4-80GB", None, True),
+    ("NVIDIA L40S", None, True), ("NVIDIA GeForce RTX 4090", None, True), ("Tesla T4", None, False),
+    ("Tesla V100-SXM2-32GB", None, False), ("Some Future GPU", None, None), ("Some Future GPU", "10.0", True),
+    ("NVIDIA H20", "7.5", False),
+])
+def test_bf16_support(name, cap, expected):
+    assert supports_bf16(name, cap) is expected
+
+
+def test_meminfo():
+    assert parse_meminfo("MemTotal:       1056440176 kB\nMemFree: 1 kB\n") == 1007.5
+
+
+def _fake_smi(tmp_path, body):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + body)
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    return str(smi)
+
+
+def test_module_on_a_gpu_node(tmp_path):
+    smi = _fake_smi(tmp_path, "cat <<'EOF'\n%sEOF\n" % H20_X8)
+    result = run_module("gpu_facts", {"nvidia_smi": smi}, check=True)
+    facts = result["ansible_facts"]
+    assert not result["changed"]
+    assert facts["ds_gpu_count"] == 8 and facts["ds_gpu_memory_gb"] == 95.58 and facts["ds_gpu_bf16"]
+    assert facts["ds_host_memory_gb"] > 0 and facts["ds_cpu_count"] >= 1
+
+
+def test_module_on_this_cpu_node_and_its_interface():
+    out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True).stdout
+    iface, address = [(i, a) for i, a in parse_ip_addr(out) if i != "lo"][0]
+    facts = run_module("gpu_facts", {"cluster_address": address})["ansible_facts"]
+    assert facts["ds_gpu_count"] == 0 and facts["ds_gpu_model"] is None
+    assert facts["ds_cluster_interface"] == iface
+
+
+def test_module_fails_on_a_broken_driver(tmp_path):
+    smi = _fake_smi(tmp_path, "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\n"
+                              "exit 9\n")
+    result = run_module("gpu_facts", {"nvidia_smi": smi})
+    assert result["failed"] and "could not communicate" in result["msg"]
+    lenient = run_module("gpu_facts", {"nvidia_smi": smi, "fail_on_error": False})
+    assert lenient["ansible_facts"]["ds_gpu_count"] == 0 and lenient["warnings"]
