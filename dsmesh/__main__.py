@@ -64,7 +64,7 @@ def exit_code(result):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dsmesh", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m dsmesh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=list(api.ACTIONS),
                         help="; ".join(f"{name}: {book}" for name, book in api.PLAYBOOKS.items()))

@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import ansible_runner
 
@@ -50,8 +50,10 @@ PLAYBOOKS = {
     "stop": "playbooks/stop.yml",
 }
 
-# The name a playbook gives the job's state, as a fact (set_fact) or a debug var (debug: var=...).
+# The name a playbook gives the job's state: a fact (set_fact), a debug var (debug: var=...) or a
+# module's return value. Result.job_status always has JOB_STATUS_KEYS (None where not reported).
 JOB_STATUS_VAR = "job_status"
+JOB_STATUS_KEYS = ("state", "run_id", "step", "loss", "tokens_per_s", "exit_code", "failed_node", "log")
 
 # Per-host counts in a Result, named as in ansible's PLAY RECAP, and where the stats event keeps them.
 STATS_KEYS = {"ok": "ok", "changed": "changed", "failed": "failures", "unreachable": "dark",
@@ -178,18 +180,20 @@ def progress_line(event, host_width=16):
             word = "ignored"
         detail = f" => {one_line(failure_message(res))}"
     elif kind == "runner_retry":
-        detail = f" ({res.get('attempts', '?')}/{res.get('retries', '?')})"
+        # the result's retries is the number of attempts allowed in all
+        detail = f" (attempt {res.get('attempts', '?')}/{res.get('retries', '?')})"
     return f"[{event_time(event)}] {data.get('host', ''):<{host_width}}  {word:<11}  {data.get('task', '')}{detail}"
 
 
 def reported_job_status(res):
     """The job_status dict a result carries: set_fact's ansible_facts, debug var's key, or a
-    module's return value of that name. Anything else (e.g. debug's 'VARIABLE IS NOT DEFINED!') is not one."""
+    module's return value of that name, with every key of JOB_STATUS_KEYS. Anything else (e.g.
+    debug's 'VARIABLE IS NOT DEFINED!') is not one."""
     if not isinstance(res, dict):
         return None
     for value in ((res.get("ansible_facts") or {}).get(JOB_STATUS_VAR), res.get(JOB_STATUS_VAR)):
         if isinstance(value, dict):
-            return value
+            return {**dict.fromkeys(JOB_STATUS_KEYS), **value}
     return None
 
 

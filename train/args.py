@@ -113,6 +113,30 @@ def expand_config_file(argv):
     return argv[:lead] + out + argv[lead + 1:]
 
 
+def merge_repeated(argv, names):
+    """`--dataset=a --dataset b c` -> `--dataset a b c` (argparse would keep only the last)."""
+    values = {n: [] for n in names}
+    out, current = [], None
+    for a in argv:
+        if a.startswith("-"):
+            current = None
+            key, eq, value = a[2:].partition("=")
+            key = key.replace("-", "_")
+            if a.startswith("--") and key in values:
+                current = key
+                if eq:
+                    values[key].append(value)
+                continue
+        elif current is not None:
+            values[current].append(a)
+            continue
+        out.append(a)
+    for name, vals in values.items():
+        if vals:
+            out += [f"--{name}", *vals]
+    return out
+
+
 def explicit_names(argv):
     """Names of the arguments given (the last occurrence wins, as in argparse)."""
     names = set()
@@ -246,6 +270,7 @@ def preparse(argv=None):
     from transformers import HfArgumentParser, TrainingArguments
 
     argv = expand_config_file(list(sys.argv[1:] if argv is None else argv))
+    argv = merge_repeated(argv, ("dataset", "eval_dataset"))
     parser = HfArgumentParser(ARGUMENT_CLASSES + (TrainingArguments,))
     raw, unknown = parser.parse_known_args(argv)
     if unknown:

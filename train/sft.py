@@ -13,15 +13,15 @@ import traceback
 
 from train import distributed
 
-logger = logging.getLogger("train")
 
 def _setup_logging(rank):
     import warnings
 
     import transformers
 
-    # DeepSpeed still calls torch.distributed's renamed collectives; say it once, not every step
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    # DeepSpeed still calls torch.distributed's renamed collectives: a warning on every step
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed",
+                            category=FutureWarning)
     # peft asks the model with the pre-5.2x name
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
@@ -102,7 +102,7 @@ def train(pre, rank, local_rank, world_size, say, state):
 
     vocab_size = AutoConfig.from_pretrained(model_args.model_name_or_path, local_files_only=True).vocab_size
     datasets = data.build_datasets(data_args, tokenizer, model_args.model_name_or_path, training_args.seed,
-                                   min(vocab_size, len(tokenizer)))
+                                   vocab_size)
 
     identity = run_identity(model_args, data_args, lora_args, training_args, datasets.fingerprints,
                             info["ds_config"], world_size)

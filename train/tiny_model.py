@@ -104,7 +104,8 @@ def make_records(n, seed):
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion.strip()}]
             if rng.random() < 0.3:
                 prompt2, completion2 = make_task(rng)
-                messages += [{"role": "user", "content": prompt2}, {"role": "assistant", "content": completion2.strip()}]
+                messages += [{"role": "user", "content": prompt2},
+                             {"role": "assistant", "content": completion2.strip()}]
             if rng.random() < 0.3:
                 messages.insert(0, {"role": "system", "content": "You answer briefly."})
             records.append({"messages": messages})
@@ -191,6 +192,10 @@ def write_tiny(out_dir, seed=0, n_train=1200, n_eval=100, hidden_size=64, layers
     config.architectures = ["Qwen2ForCausalLM"]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # Unit-norm embedding rows instead of std 0.02: with the tied head at that scale a
+        # 64-wide model can hardly move its logits, and a LoRA (embeddings frozen) learns nothing.
+        model.get_input_embeddings().weight.normal_(0.0, hidden_size ** -0.5)
     model.save_pretrained(out_dir)
     write_generation_config(out_dir, tokenizer)
     write_jsonl(os.path.join(out_dir, "data", "train.jsonl"), records[:n_train])

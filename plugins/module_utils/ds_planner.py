@@ -385,32 +385,36 @@ def activation_bytes_per_layer_token(model, job, precision):
     attn = w * (2 * qd + 2 * kd) + 4 * model.num_heads
     # MLP: gate output (SiLU input), SiLU output, up output (both kept by the product).
     mlp = 3 * w * i
+    inputs = dict((name, fin) for name, fin, _, _ in model.linear_shapes())
+    groups = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",))
     if job.finetune == "full":
-        # Trainable linears keep their inputs: norm output (q/k/v and gate/up share one) and the
-        # product that feeds down_proj. The o_proj input is the SDPA output counted above.
-        linear_inputs = w * h + w * h + w * i
+        # Trainable linears keep their inputs: the norm output (shared by q/k/v, and by gate/up)
+        # and the product that feeds down_proj. The o_proj input is the SDPA output, counted above.
+        linear_inputs = sum(w * inputs[g[0]] for g in groups)
         adapters = 0
     else:
-        # Frozen base linears keep nothing. peft's adapters are fp32 by default: each adapted
-        # module casts its input to fp32 (4 bytes/element, not shared between modules) and keeps
-        # the rank-r lora_A output; dropout > 0 adds a 1-byte mask per input element.
-        linear_inputs = 0
-        inputs = dict((name, fin) for name, fin, _, _ in model.linear_shapes())
-        per_element = 4 + (1 if job.lora_dropout > 0 else 0)
-        adapters = sum(per_element * inputs[t] + 4 * job.lora_rank for t in job.lora_targets)
-        # The product feeding down_proj is kept only if down_proj is adapted (as its fp32 cast).
+        # Frozen base linears keep nothing; each adapter's lora_A keeps its input and lora_B the
+        # rank-r output. DeepSpeed casts every parameter, the adapters included, to bf16/fp16,
+        # so the input is the 16-bit tensor itself, shared by the modules reading it. With
+        # dropout each adapted module keeps its own dropped-out copy plus a 1-byte mask instead.
+        targets = set(job.lora_targets)
+        adapters = len(targets) * w * job.lora_rank
+        if job.lora_dropout > 0:
+            linear_inputs = 0
+            adapters += sum((w + 1) * inputs[t] for t in targets)
+        else:
+            linear_inputs = sum(w * inputs[g[0]] for g in groups if targets.intersection(g))
     return {"norms": 2 * norm, "attention": attn, "mlp": mlp, "linear_inputs": linear_inputs,
             "adapters": adapters}
 
 
 def backward_transient_per_token(model, job, precision):
-    """Gradient buffers alive while one layer runs backward (fitted on CPU measurements)."""
+    """Gradient buffers alive while one layer runs backward: w * (2i + 2h) per token.
+
+    Fitted to PyTorch's CPU memory profiler on full and LoRA models (tests/unit/test_planner.py).
+    """
     h, i = model.hidden_size, model.intermediate_size
-    w = _bytes_per_value(precision)
-    if job.finetune == "full":
-        return w * (2 * i + 2 * h)
-    # fp32 adapter gradients flow next to the 16-bit ones.
-    return w * (4 * i + 6 * h)
+    return _bytes_per_value(precision) * (2 * i + 2 * h)
 
 
 def activation_bytes(model, job, precision, micro_batch, checkpointing):
@@ -456,7 +460,7 @@ def bucket_sizes(model, stage):
         return {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
                 "stage3_param_persistence_threshold": 10 * h}
     # DeepSpeed/HF recommend 2e8; smaller models get P/10 so buffers stay small next to them.
-    size = int(min(2e8, max(1e7, math.ceil(model.num_parameters / 10.0 / 1e6) * 1e6)))
+    size = int(min(2e8, max(1e6, math.ceil(model.num_parameters / 10.0 / 1e6) * 1e6)))
     return {"reduce_bucket_size": size, "allgather_bucket_size": size}
 
 
@@ -465,12 +469,12 @@ def buffer_bytes(model, job, precision, stage, offload_optimizer, overlap_comm=T
     buckets = bucket_sizes(model, stage)
     T = trainable_parameters(model, job)
     if stage == 0:
-        # The engine flattens gradients into buckets of up to 5e8 elements for all-reduce.
+        # The engine all-reduces gradients flattened into buckets of up to 5e8 elements.
         return {"comm_buckets": int(w * min(5e8, T))}
     if stage in (1, 2):
-        rb, ag = buckets["reduce_bucket_size"], buckets["allgather_bucket_size"]
-        # DeepSpeed's docs: overlap_comm uses 4.5x the allgather and reduce bucket sizes.
-        comm = (4.5 if overlap_comm else 1.0) * w * (rb + ag)
+        # ZeRO-1/2 allocate one gradient staging buffer of reduce_bucket_size, two with
+        # overlap_comm (stage_1_and_2.py setup_buckets). Parameters are all-gathered in place.
+        comm = (2 if overlap_comm else 1) * w * buckets["reduce_bucket_size"]
         out = {"comm_buckets": int(comm)}
         if stage == 2 and job.finetune == "full":
             # A parameter larger than the bucket is reduced from its own gradient tensor.
@@ -904,15 +908,19 @@ def _why(p):
     return lines
 
 
+def _count(n):
+    return "%.2fB" % (n / 1e9) if n >= 1e9 else "%.1fM" % (n / 1e6)
+
+
 def summary_lines(p):
     """Human-readable plan, printed by the render playbook."""
     m = p["model"]
     g = p["gpu_memory_gib"]
     hm = p["host_memory_gib"]
     out = [
-        "model: %s, %.2fB parameters (%s, %d trainable), seq %d, global batch %d"
-        % (m["name"], m["parameters_b"], p["finetune"], p["trainable_parameters"], p["seq_len"],
-           p["global_batch_size"]),
+        "model: %s, %.2fB parameters (%s, %s trainable), seq %d, global batch %d"
+        % (m["name"], m["parameters_b"], "full fine-tune" if p["finetune"] == "full" else "LoRA",
+           _count(p["trainable_parameters"]), p["seq_len"], p["global_batch_size"]),
         "cluster: %d node(s), slots %s, %s, %s, %.0f GiB per %s"
         % (p["nodes"], p["slots"], p["gpu_model"] or p["device"], p["precision"], g["device_total"],
            "GPU" if p["device"] == "gpu" else "rank"),

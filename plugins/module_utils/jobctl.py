@@ -128,23 +128,28 @@ def job_status(run_dir, output_dir):
     if state == "failed":
         text = "\n".join(tail(log, 400))
         status["failed_nodes"] = failed_nodes(text)
+        failure = read_json(os.path.join(run_dir, "failure.json"))
+        if failure and failure.get("node"):
+            status["failure"] = failure
+            status["failed_nodes"] = [failure["node"]] + [n for n in status["failed_nodes"] if n != failure["node"]]
         status["failed_node"] = status["failed_nodes"][0] if status["failed_nodes"] else None
         status["log_tail"] = tail(log, 15)
     return status
 
 
-def start(run_dir, command, cwd, env, run_id):
-    """Start `command` detached (its own session) under the run id; return the run's record."""
+def start(run_dir, command, cwd, env, run_id, supervisor=None):
+    """Start the launcher's `command` detached (its own session) under the run id; return the run's
+    record. With `supervisor` (argv of dsmesh.supervise, less --run-dir), that runs and reads the
+    command from run_dir/launch_command.json, and writes exit_code itself."""
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    write_json_atomic(os.path.join(run_dir, "launch_command.json"), command)
+    argv = list(supervisor) + ["--run-dir", run_dir] if supervisor else command
     log = os.path.join(run_dir, "logs", f"{run_id}.log")
-    exit_path = os.path.join(run_dir, "exit_code")
-    if os.path.exists(exit_path):
-        os.remove(exit_path)
-    cmd = " ".join(shlex.quote(c) for c in command)
-    # The wrapper records how the launcher ended; stop.yml writes "stopped" itself.
-    wrapper = f"{cmd}; rc=$?; [ -e {shlex.quote(exit_path)} ] || echo $rc > {shlex.quote(exit_path)}"
+    for stale in ("exit_code", "failure.json"):
+        if os.path.exists(os.path.join(run_dir, stale)):
+            os.remove(os.path.join(run_dir, stale))
     with open(log, "ab") as out, open(os.devnull, "rb") as devnull:
-        proc = subprocess.Popen(["bash", "-c", wrapper], cwd=cwd, env=dict(os.environ, **env), stdin=devnull,
+        proc = subprocess.Popen(argv, cwd=cwd, env=dict(os.environ, **env), stdin=devnull,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
     link = os.path.join(run_dir, "launch.log")
     if os.path.lexists(link):
@@ -157,39 +162,31 @@ def start(run_dir, command, cwd, env, run_id):
     return record
 
 
-def children(pid):
-    try:
-        with open(f"/proc/{int(pid)}/task/{int(pid)}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
-
-
-def stop(run_dir, grace_seconds=30):
-    """Stop the run: Ctrl-C to the deepspeed launcher (it then ends the ranks on every node through
-    pdsh), then SIGTERM and SIGKILL to its whole process group if it lingers. True if it was running."""
+def stop(run_dir, timeout=90):
+    """Stop the run: SIGTERM to its supervisor (dsmesh.supervise interrupts the launcher, which ends
+    the ranks on every node, then kills any rank left), SIGKILL to the whole group if it lingers.
+    True if it was running."""
     run = current_run(run_dir)
     if not run or not pid_alive(run.get("pid")):
         return False
-    with open(os.path.join(run_dir, "exit_code"), "w") as f:
-        f.write("stopped\n")
     pgid = int(run["pid"])
-    steps = [(lambda: [os.kill(c, signal.SIGINT) for c in children(pgid)], grace_seconds),
-             (lambda: os.killpg(pgid, signal.SIGTERM), 10),
-             (lambda: os.killpg(pgid, signal.SIGKILL), 5)]
-    for send, wait in steps:
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
         try:
-            send()
+            os.killpg(pgid, sig) if sig == signal.SIGKILL else os.kill(pgid, sig)
         except ProcessLookupError:
-            pass
+            break
         deadline = time.time() + wait
-        while time.time() < deadline:
-            if not pid_alive(pgid):
-                return True
+        while time.time() < deadline and pid_alive(pgid):
             time.sleep(0.5)
+        if not pid_alive(pgid):
+            break
+    exit_path = os.path.join(run_dir, "exit_code")
+    if not os.path.exists(exit_path):
+        with open(exit_path, "w") as f:
+            f.write("stopped\n")
     return True
 
 
 def kill_ranks_command(marker):
     """The shell command that ends any rank still running for this run on a node."""
-    return f"pkill -TERM -f -- {shlex.quote(marker)}; sleep 2; pkill -KILL -f -- {shlex.quote(marker)}; true"
+    return f"pkill -TERM -f -- {shlex.quote(marker)} && sleep 2; pkill -KILL -f -- {shlex.quote(marker)}; true"

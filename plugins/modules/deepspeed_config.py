@@ -89,7 +89,9 @@ options:
     choices: [full, lora]
     default: full
   lora:
-    description: LoRA settings - C(rank) (16), C(alpha) (32), C(dropout) (0.05), C(target_modules) (all linear layers).
+    description:
+      - LoRA settings - C(rank) (16), C(alpha) (32), C(dropout) (0.05), C(target_modules) (all
+        linear layers). peft's names C(r), C(lora_alpha), C(lora_dropout) are accepted too.
     type: dict
     default: {}
   optimizer:
@@ -262,9 +264,9 @@ def main():
             seq_len=p["seq_len"],
             global_batch_size=p["global_batch_size"],
             finetune=p["finetune"],
-            lora_rank=lora.get("rank", 16),
-            lora_alpha=lora.get("alpha", 32),
-            lora_dropout=lora.get("dropout", 0.05),
+            lora_rank=lora.get("rank", lora.get("r", 16)),
+            lora_alpha=lora.get("alpha", lora.get("lora_alpha", 32)),
+            lora_dropout=lora.get("dropout", lora.get("lora_dropout", 0.05)),
             lora_targets=lora.get("target_modules", ADAPTER_TARGETS),
             learning_rate=opt.get("lr"),
             adam_beta1=betas[0],

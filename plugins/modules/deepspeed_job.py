@@ -37,6 +37,12 @@ options:
     description: The launcher's argv, for C(state=started).
     type: list
     elements: str
+  supervisor:
+    description: Argv of the supervisor that runs the launcher (C(python -m dsmesh.supervise ...)); it is
+      given C(--run-dir) and reads the command from C(RUN_DIR/launch_command.json). Without it the
+      command runs directly.
+    type: list
+    elements: str
   chdir:
     description: Working directory of the launcher (it must exist on every node; ranks run there too).
     type: path
@@ -45,7 +51,8 @@ options:
     type: dict
     default: {}
   nodes:
-    description: Addresses of every node, for C(state=stopped)'s clean-up through pdsh.
+    description: Addresses of every node, to end ranks of this run left on any node (through pdsh)
+      when stopping and before starting.
     type: list
     elements: str
     default: []
@@ -88,6 +95,23 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.jobctl import job_status, kill_ranks_command, start, stop
 
 
+def end_leftover_ranks(nodes, output_dir):
+    """Nodes where a rank of this run was still alive (and is now ended)."""
+    if not nodes:
+        return []
+    # Ranks are found by their --output_dir=..., unique to this run directory; "[-]" keeps the
+    # pattern from matching the shell that runs pgrep itself.
+    marker = f"[-]-output_dir={output_dir}"
+    check = subprocess.run(["pdsh", "-R", "ssh", "-t", "10", "-u", "30", "-w", ",".join(nodes),
+                            f"pgrep -f -- '{marker}' >/dev/null && echo left || true"],
+                           capture_output=True, text=True)
+    leftovers = sorted(line.split(":", 1)[0] for line in check.stdout.splitlines() if line.endswith("left"))
+    if leftovers:
+        subprocess.run(["pdsh", "-R", "ssh", "-t", "10", "-u", "30", "-w", ",".join(leftovers),
+                        kill_ranks_command(marker)], capture_output=True, text=True)
+    return leftovers
+
+
 def main():
     module = AnsibleModule(
         argument_spec=dict(
@@ -96,6 +120,7 @@ def main():
             output_dir=dict(type="path", required=True),
             run_name=dict(type="str", default="run"),
             command=dict(type="list", elements="str"),
+            supervisor=dict(type="list", elements="str"),
             chdir=dict(type="path"),
             environment=dict(type="dict", default={}),
             nodes=dict(type="list", elements="str", default=[]),
@@ -117,25 +142,19 @@ def main():
         run_id = f"{p['run_name']}-{time.strftime('%Y%m%d-%H%M%S')}"
         if module.check_mode:
             module.exit_json(changed=True, run_id=run_id, job_status=before)
-        start(p["run_dir"], p["command"], p["chdir"], {k: str(v) for k, v in p["environment"].items()}, run_id)
+        # Ranks of an earlier attempt that lost a peer may still wait in a collective.
+        leftovers = end_leftover_ranks(p["nodes"], p["output_dir"])
+        if leftovers:
+            module.warn(f"ended ranks of an earlier attempt still running on {', '.join(leftovers)}")
+        start(p["run_dir"], p["command"], p["chdir"], {k: str(v) for k, v in p["environment"].items()}, run_id,
+              supervisor=p["supervisor"])
         module.exit_json(changed=True, run_id=run_id, job_status=job_status(p["run_dir"], p["output_dir"]))
 
     # stopped
     if module.check_mode:
         module.exit_json(changed=before["state"] == "running", job_status=before)
     was_running = stop(p["run_dir"])
-    leftovers = []
-    if p["nodes"]:
-        # Ranks are found by their --output_dir=..., unique to this run directory; "[-]" keeps the
-        # pattern from matching the shell that runs pgrep itself.
-        marker = f"[-]-output_dir={p['output_dir']}"
-        check = subprocess.run(["pdsh", "-R", "ssh", "-w", ",".join(p["nodes"]),
-                                f"pgrep -f -- '{marker}' >/dev/null && echo left || true"],
-                               capture_output=True, text=True)
-        leftovers = sorted(line.split(":", 1)[0] for line in check.stdout.splitlines() if line.endswith("left"))
-        if leftovers:
-            subprocess.run(["pdsh", "-R", "ssh", "-w", ",".join(leftovers), kill_ranks_command(marker)],
-                           capture_output=True, text=True)
+    leftovers = end_leftover_ranks(p["nodes"], p["output_dir"])
     module.exit_json(changed=was_running or bool(leftovers), stopped_ranks_on=leftovers,
                      job_status=job_status(p["run_dir"], p["output_dir"]))
 

@@ -97,6 +97,12 @@ def test_yaml_file_then_flags_override(tmp_path):
     assert args.save_total_limit is None  # the package rotates checkpoints itself
 
 
+def test_repeated_dataset_flags_add_up():
+    _, data_args, *_ = build(["--model_name_or_path", "/m", "--output_dir=/o", "--dataset=a.jsonl",
+                              "--eval_dataset=e.jsonl", "--dataset", "b.jsonl", "c.jsonl", "--bf16", "false"])
+    assert data_args.dataset == ["a.jsonl", "b.jsonl", "c.jsonl"] and data_args.eval_dataset == ["e.jsonl"]
+
+
 def test_package_defaults_and_explicit_names():
     _, data_args, _, run_args, args, info = build(BASE + ["--save_total_limit", "2", "--no_packing"])
     assert args.logging_steps == 5 and args.logging_first_step and not data_args.packing

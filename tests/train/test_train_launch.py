@@ -87,13 +87,13 @@ def zero3(work, tiny_dir):
 @pytest.fixture(scope="module")
 def lora3(work, tiny_dir):
     out = work / "lora3"
-    return out, ok(launch(tiny_dir, out, ds_config(work, 3), ["--lora", "--merge_lora"]))
+    return out, ok(launch(tiny_dir, out, ds_config(work, 3), ["--lora"]))
 
 
 @pytest.fixture(scope="module")
 def lora2_torchrun(work, tiny_dir):
     out = work / "lora2"
-    return out, ok(launch(tiny_dir, out, ds_config(work, 2), ["--lora"], launcher="torchrun"))
+    return out, ok(launch(tiny_dir, out, ds_config(work, 2), ["--lora", "--merge_lora"], launcher="torchrun"))
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_zero2_full_fine_tune_learns_and_reports(zero2, tiny_dir):
         assert key in m[-1]
     assert m[-1]["mfu"] is None and m[-1]["memory_gb"] > 0.1 and m[-1]["tokens_per_s"] > 0
     first, last = m[0]["loss"], sum(e["loss"] for e in m[-5:]) / 5
-    assert first > 6.0 and last < first - 2.0, (first, last)  # ln(640) = 6.46 at random init
+    assert first > 6.0 and last < first - 3.0, (first, last)  # random init: ~7.9
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == STEPS
     assert summary["loss_first"] == first and summary["loss_last"] == m[-1]["loss"]
@@ -135,7 +135,11 @@ def test_zero2_full_fine_tune_learns_and_reports(zero2, tiny_dir):
 def test_zero3_gives_the_same_losses_as_zero2(zero2, zero3):
     a, b = losses(zero2[0]), losses(zero3[0])
     assert a.keys() == b.keys()
-    assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-5)
+    steps = sorted(a)
+    # Same data, same math; only the order of fp32 reductions differs (gradient norms agree to
+    # ~1e-8 at step 1). At lr 1e-2 such rounding differences grow to ~1e-5 over 30 steps.
+    assert [b[s] for s in steps[:10]] == pytest.approx([a[s] for s in steps[:10]], rel=1e-6)
+    assert [b[s] for s in steps] == pytest.approx([a[s] for s in steps], rel=1e-4)
 
 
 def test_saved_models_load_generate_and_are_the_trained_ones(zero2, zero3, tiny_dir):
@@ -155,33 +159,42 @@ def test_saved_models_load_generate_and_are_the_trained_ones(zero2, zero3, tiny_
     assert generated.shape[1] > ids.shape[1]
 
 
-def test_zero3_lora_adapter_and_merged_model(lora3, tiny_dir):
+def lora_learned(out):
+    m = metrics(out)
+    return m[-1]["step"] == STEPS and sum(e["loss"] for e in m[-5:]) / 5 < m[0]["loss"] - 1.0
+
+
+def test_zero3_lora_saves_an_adapter_that_loads_and_generates(lora3, tiny_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _ = lora3
-    m = metrics(out)
-    assert m[-1]["step"] == STEPS and sum(e["loss"] for e in m[-5:]) / 5 < m[0]["loss"] - 1.0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["final_model_merged"] == str(out / "final_model_merged")
+    assert lora_learned(out)
     adapter_dir = out / "final_model"
     assert (adapter_dir / "adapter_config.json").exists() and not (adapter_dir / "model.safetensors").exists()
+    assert json.loads((out / "summary.json").read_text())["final_model_merged"] is None
     tok = AutoTokenizer.from_pretrained(adapter_dir)
     with_adapter = AutoModelForCausalLM.from_pretrained(adapter_dir)  # base from adapter_config, + adapter
-    merged = AutoModelForCausalLM.from_pretrained(out / "final_model_merged")
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
     ids = tok("5 plus 3 is 8", return_tensors="pt").input_ids
     with torch.no_grad():
-        la, lm, lb = (x(ids).logits for x in (with_adapter, merged, base))
-    torch.testing.assert_close(lm, la, atol=1e-4, rtol=1e-4)
-    assert (la - lb).abs().max() > 0.1  # the adapter changed something
-    assert merged.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+        assert (with_adapter(ids).logits - base(ids).logits).abs().max() > 0.1  # the adapter is the trained one
+    assert with_adapter.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
 
 
-def test_zero2_lora_under_torchrun(lora2_torchrun):
+def test_zero2_lora_under_torchrun_with_merged_model(lora2_torchrun):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     out, _ = lora2_torchrun
-    m = metrics(out)
-    assert m[-1]["step"] == STEPS and sum(e["loss"] for e in m[-5:]) / 5 < m[0]["loss"] - 1.0
-    assert (out / "final_model" / "adapter_model.safetensors").exists()
+    assert lora_learned(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_model_merged"] == str(out / "final_model_merged")
+    tok = AutoTokenizer.from_pretrained(out / "final_model_merged")
+    with_adapter = AutoModelForCausalLM.from_pretrained(out / "final_model")
+    merged = AutoModelForCausalLM.from_pretrained(out / "final_model_merged")  # a plain model
+    ids = tok("count from 7:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-4, rtol=1e-4)
+    assert merged.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
 
 
 def test_killed_mid_save_then_restarted_matches_the_uninterrupted_run(crashed_and_resumed, zero3):
@@ -205,10 +218,10 @@ def run_cli(args):
                           text=True, timeout=120)
 
 
-def test_restart_with_other_settings_is_refused(zero2, tiny_dir, work):
+def test_restart_with_other_settings_is_refused(zero2, tiny_dir):
     out, _ = zero2
     proc = run_cli(["--model_name_or_path", str(tiny_dir), "--dataset", str(tiny_dir / "data" / "train.jsonl"),
-                    "--output_dir", str(out), "--deepspeed", ds_config(work, 2), "--max_seq_length", "512"])
+                    "--output_dir", str(out), "--max_seq_length", "512"])
     assert proc.returncode == 2
     assert "holds checkpoints of another run" in proc.stderr and "max_seq_length: 256 -> 512" in proc.stderr
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"  # left alone

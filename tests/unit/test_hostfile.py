@@ -2,7 +2,6 @@
 
 import pytest
 from ansible.module_utils.ds_hostfile import HostfileError, render_hostfile, resolve_nodes
-from conftest import run_module
 from deepspeed.launcher.runner import _parse_hostfile, fetch_hostfile
 
 NODES = [
@@ -47,20 +46,3 @@ def test_refusals_name_the_host(nodes, master, kwargs, message):
     with pytest.raises(HostfileError) as err:
         resolve_nodes(nodes, master, **kwargs)
     assert message in str(err.value)
-
-
-def test_module_check_diff_changed_and_failure(tmp_path):
-    dest = tmp_path / "hostfile"
-    args = {"dest": str(dest), "master": "gpu-node-33", "nodes": NODES}
-    checked = run_module("deepspeed_hostfile", args, check=True, diff=True)
-    assert checked["changed"] and not dest.exists()
-    assert "172.16.80.33 slots=8" in checked["diff"]["after"]
-    first = run_module("deepspeed_hostfile", args)
-    assert first["changed"] and first["master_address"] == "172.16.80.33" and first["world_size"] == 20
-    assert dest.read_text() == first["content"]
-    again = run_module("deepspeed_hostfile", args)
-    assert not again["changed"]
-    failed = run_module("deepspeed_hostfile", dict(args, master="gpu-node-99"))
-    assert failed["failed"] and "gpu-node-99" in failed["msg"]
-    assert dest.read_text() == first["content"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostfile"]

@@ -15,7 +15,7 @@ import torch
 from ansible.module_utils.ds_planner import (Cluster, Job, ModelShape, PlanError, activation_bytes,
                                              activation_bytes_per_layer_token, build_ds_config,
                                              model_state_bytes, plan, summary_lines, trainer_args)
-from conftest import MODEL_NAMES, model_config
+from ds_testlib import MODEL_NAMES, model_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 GIB = 1024 ** 3
@@ -36,8 +36,8 @@ def hf_counts(model):
 
 
 @pytest.fixture(scope="module")
-def meta_counts(model_configs):
-    return dict((name, hf_counts(hf_model(cfg))) for name, cfg in model_configs.items())
+def meta_counts():
+    return dict((name, hf_counts(hf_model(model_config(name)))) for name in MODEL_NAMES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def test_all_live_estimators_on_a_real_model():
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_live
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_live
 
-    cfg = dict(model_config("Qwen2.5-0.5B"), num_hidden_layers=2)
+    cfg = dict(model_config("Qwen2.5-0.5B"), num_hidden_layers=2, vocab_size=32000)
     model = hf_model(cfg, device="cpu")
     shape = ModelShape.from_config(cfg)
     job = Job(seq_len=1024, global_batch_size=8)
@@ -139,6 +139,9 @@ def tiny_model(finetune, dropout=0.0, checkpointing=False, layers=2, intermediat
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"]))
+        # What deepspeed.initialize does with bf16 enabled: every parameter, adapters included.
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if finetune == "lora":
@@ -202,14 +205,13 @@ def peak_bytes_during_step(model, ids):
 
 
 @pytest.mark.parametrize("finetune,checkpointing,intermediate,vocab", [
-    ("full", False, 2048, 512),
-    ("full", True, 688, 4096),   # the loss dominates the checkpointed peak
-    ("full", True, 2048, 512),   # the recomputed layer dominates
-    ("lora", True, 2048, 512),
+    ("full", False, 2048, 512),  # every layer's activations
+    ("full", True, 688, 4096),   # checkpointed: the fp32 loss dominates the peak
+    ("lora", True, 2048, 512),   # checkpointed: the recomputed layer and its backward dominate
 ])
 def test_peak_activations_match_cpu_profiler(finetune, checkpointing, intermediate, vocab):
-    b, s = 4, 256
-    model, shape = tiny_model(finetune, checkpointing=checkpointing, layers=4, intermediate=intermediate,
+    b, s = 2, 256
+    model, shape = tiny_model(finetune, checkpointing=checkpointing, layers=3, intermediate=intermediate,
                               vocab=vocab)
     ids = torch.randint(0, vocab, (b, s))
     measured = peak_bytes_during_step(model, ids)
@@ -438,22 +440,29 @@ def test_deepspeed_accepts_the_config(deepspeed_dist, name, slots, gib, finetune
         DeepSpeedConfig(copy.deepcopy(cfg), mpu=DataParallelOnly(p["world_size"] * 2))
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_deepspeed_engine_starts_with_the_config(deepspeed_dist, stage):
-    """deepspeed.initialize on a tiny model with the planned config (one CPU rank, fp32)."""
+@pytest.mark.parametrize("stage,finetune", [(0, "lora"), (1, "full"), (2, "full"), (3, "lora")])
+def test_deepspeed_engine_trains_with_the_config(deepspeed_dist, stage, finetune):
+    """deepspeed.initialize and two micro-steps on a tiny model with the planned bf16 config
+    (one rank on DeepSpeed's CPU accelerator)."""
     shape = ModelShape.from_config(dict(TINY))
-    p = plan(shape, Cluster([1], host_memory_gib=24, device="cpu"), Job(seq_len=64, global_batch_size=4),
-             overrides={"zero_stage": stage})
-    cfg = build_ds_config(p, Job(seq_len=64, global_batch_size=4), shape)
-    model = hf_model(dict(TINY), device="cpu", dtype=torch.float32)
-    engine, optimizer, _, _ = deepspeed_dist.initialize(model=model, model_parameters=model.parameters(),
-                                                        config=cfg)
-    ids = torch.randint(0, 512, (p["micro_batch_size"], 64))
-    loss = engine(input_ids=ids, labels=ids).loss
-    engine.backward(loss)
-    engine.step()
-    assert engine.zero_optimization_stage() == stage
-    assert engine.train_batch_size() == 4
+    job = Job(seq_len=64, global_batch_size=4, finetune=finetune, lora_rank=8)
+    p = plan(shape, Cluster([1], gpu_memory_gib=24, host_memory_gib=64, bf16=True), job,
+             overrides={"zero_stage": stage, "micro_batch_size": 2})
+    cfg = build_ds_config(p, job, shape)
+    model = hf_model(dict(TINY), device="cpu")
+    if finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    engine, _, _, _ = deepspeed_dist.initialize(model=model, model_parameters=trainable, config=cfg)
+    ids = torch.randint(0, 512, (2, 64))
+    for _ in range(p["gradient_accumulation_steps"]):
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+    assert torch.isfinite(loss)
+    assert engine.global_steps == 1 and engine.zero_optimization_stage() == stage
+    assert engine.train_batch_size() == 4 and engine.bfloat16_enabled()
     assert isinstance(engine.basic_optimizer, torch.optim.AdamW)
 
 

@@ -1,0 +1,139 @@
+"""Runs the deepspeed launcher for a run on the master and ends the whole job as soon as one node
+is lost, instead of letting the other ranks wait in a collective for DeepSpeed's timeout.
+
+    python -m dsmesh.supervise --run-dir DIR --marker PATTERN --nodes a,b
+
+The launcher's argv is read from DIR/launch_command.json, so that this process's own command line
+never matches the pattern that finds the run's ranks.
+
+- passes the launcher's output through (the caller sends it to the run's log);
+- when pdsh reports a node's session ended badly (`pdsh@m: node2: ssh exited with exit code 255`,
+  which a frozen node produces once ssh's keepalives give up), it interrupts the launcher after a short
+  grace, escalating to SIGTERM and SIGKILL, then ends any rank of this run still alive on any node;
+- on SIGTERM or SIGINT (playbooks/stop.yml) it does the same;
+- writes DIR/exit_code ("0", the launcher's code, or "stopped") and DIR/failure.json (node, reason).
+"""
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+PDSH_NODE_FAILED = re.compile(r"pdsh@\S+: (?P<node>[^\s:]+): ssh exited with exit code (?P<code>\d+)")
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Supervisor:
+    def __init__(self, args):
+        self.args = args
+        self.failure = None
+        self.stop_requested = False
+        self.shutdown_started = threading.Event()
+        self.proc = None
+
+    def log(self, message):
+        print(f"[dsmesh.supervise {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def watch_output(self):
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            m = PDSH_NODE_FAILED.search(line)
+            if m and m.group("code") != "0" and self.failure is None:
+                self.failure = {"node": m.group("node"), "reason": line.strip(), "time": time.time()}
+                self.log(f"lost {m.group('node')} (ssh exit {m.group('code')}): ending the job on every node")
+                threading.Thread(target=self.shutdown, args=(self.args.grace,), daemon=True).start()
+
+    def shutdown(self, grace):
+        """Interrupt the launcher (it ends the ranks through pdsh), then escalate."""
+        if self.shutdown_started.is_set():
+            return
+        self.shutdown_started.set()
+        if self.proc.poll() is None and grace:
+            time.sleep(grace)  # the launcher may end by itself first
+        for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            if self.proc.poll() is not None:
+                return
+            self.log(f"sending {signal.Signals(sig).name} to the launcher")
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+
+    def kill_leftover_ranks(self):
+        """Ranks stuck in a collective with a lost peer outlive the launcher: end them everywhere."""
+        if not self.args.nodes or not self.args.marker:
+            return
+        pattern = self.args.marker
+        cmd = ["pdsh", "-R", "ssh", "-t", "10", "-u", "30", "-w", self.args.nodes,
+               f"pkill -TERM -f -- '{pattern}' && sleep 2; pkill -KILL -f -- '{pattern}'; true"]
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def on_signal(self, signum, frame):
+        self.stop_requested = True
+        self.log(f"{signal.Signals(signum).name} received: stopping the job")
+        threading.Thread(target=self.shutdown, args=(0,), daemon=True).start()
+
+    def run(self):
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+        # Its own session: DeepSpeed's runner signals its whole process group when interrupted.
+        self.proc = subprocess.Popen(self.args.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        reader = threading.Thread(target=self.watch_output, daemon=True)
+        reader.start()
+        rc = self.proc.wait()
+        reader.join(timeout=5)
+        if self.failure or self.stop_requested or rc != 0:
+            self.log("ending any rank of this run left on any node")
+            self.kill_leftover_ranks()
+            # whatever the launcher's group left behind on this node (pdsh, ssh)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if self.failure:
+            self.failure["launcher_exit_code"] = rc
+            write_atomic(os.path.join(self.args.run_dir, "failure.json"), json.dumps(self.failure, indent=2))
+        code = "stopped" if self.stop_requested else str(rc if not self.failure or rc else 1)
+        write_atomic(os.path.join(self.args.run_dir, "exit_code"), code + "\n")
+        self.log(f"launcher ended with exit code {rc}; job {'stopped' if self.stop_requested else 'exit ' + code}")
+        return 0 if code == "0" else 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--marker", help="pkill -f pattern matching this run's ranks (and nothing else)")
+    p.add_argument("--nodes", help="comma-separated addresses of every node, for the final clean-up")
+    p.add_argument("--grace", type=float, default=5.0,
+                   help="seconds the launcher gets to end by itself after a node is lost")
+    args = p.parse_args(argv)
+    with open(os.path.join(args.run_dir, "launch_command.json")) as f:
+        args.command = json.load(f)
+    for stale in ("exit_code", "failure.json"):
+        path = os.path.join(args.run_dir, stale)
+        if os.path.exists(path):
+            os.remove(path)
+    sys.exit(Supervisor(args).run())
+
+
+if __name__ == "__main__":
+    main()
