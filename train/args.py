@@ -31,7 +31,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: list[str] | None = field(default=None, metadata={
-        "help": "Training JSONL file(s): text, prompt/completion or messages per line."})
+        "help": "Training JSONL file(s): text, prompt/completion or messages per line (repeat the flag, "
+                "list several, or separate with commas)."})
     eval_dataset: list[str] | None = field(default=None, metadata={"help": "Evaluation JSONL file(s)."})
     eval_split_ratio: float = field(default=0.0, metadata={
         "help": "Hold out this fraction of the training examples for evaluation."})
@@ -271,7 +272,7 @@ def preparse(argv=None):
 
     argv = expand_config_file(list(sys.argv[1:] if argv is None else argv))
     argv = merge_repeated(argv, ("dataset", "eval_dataset"))
-    parser = HfArgumentParser(ARGUMENT_CLASSES + (TrainingArguments,))
+    parser = HfArgumentParser(ARGUMENT_CLASSES + (TrainingArguments,), prog="python -m train")
     raw, unknown = parser.parse_known_args(argv)
     if unknown:
         raise ConfigError(f"unknown arguments: {' '.join(unknown)}")

@@ -66,6 +66,18 @@ def latest_complete(output_dir):
     return complete[-1] if complete else None
 
 
+def ensure_latest_tag(path, step):
+    """DeepSpeed writes its `latest` tag file on the first node only; a node without shared storage
+    needs its own to load its shards on resume (HF's resume reads the tag from `latest`)."""
+    tag = f"global_step{step}"
+    latest = os.path.join(path, "latest")
+    if os.path.isdir(os.path.join(path, tag)) and not os.path.exists(latest):
+        tmp = latest + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(tag)
+        os.replace(tmp, latest)
+
+
 def mark_complete(path, step, **info):
     write_json_atomic(os.path.join(path, MARKER), {"step": step, "time": time.time(), **info})
 

@@ -201,7 +201,7 @@ def _full_state_dict(trainer, trainable_only=False):
     engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
     if engine is not None and engine.zero_optimization_partition_weights():
         return engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
-    if not trainer.args.process_index == 0:
+    if trainer.args.process_index != 0:
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()

@@ -85,7 +85,7 @@ def train(pre, rank, local_rank, world_size, say, state):
 
     from train import args as args_mod
     from train import checkpoints, data, metrics, modeling
-    from train.trainer import CheckpointCallback, ProgressCallback, SFTTrainer
+    from train.trainer import CheckpointCallback, ProgressPrinter, SFTTrainer
 
     use_deepspeed = pre["raw"].deepspeed is not None
     configured_state = not torch.cuda.is_available() and (use_deepspeed or world_size > 1)
@@ -161,18 +161,21 @@ def train(pre, rank, local_rank, world_size, say, state):
         processing_class=tokenizer,
         meter=meter,
     )
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback as HFProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    # ProgressPrinter replaces both (one line per log interval, own bar)
     trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(HFProgressCallback)
+    trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CheckpointCallback(meter, keep=info["save_total_limit"], fsync=run_args.fsync_checkpoints))
     if writer is not None:
-        trainer.add_callback(ProgressCallback(writer))
+        trainer.add_callback(ProgressPrinter(writer))
 
     trainer.train(resume_from_checkpoint=resume_from)
     eval_loss = None
     if datasets.eval is not None:
-        eval_loss = trainer.evaluate().get("eval_loss")
+        done = [e for e in trainer.state.log_history
+                if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+        eval_loss = done[-1]["eval_loss"] if done else trainer.evaluate().get("eval_loss")
 
     written = modeling.save_final_model(trainer, tokenizer, final_dir, lora_args) if run_args.save_final_model else []
     distributed.barrier()

@@ -1,6 +1,5 @@
 """The Trainer subclass and callbacks: token counting, crash-safe checkpoint marking, progress."""
 
-import logging
 import os
 import signal
 import time
@@ -9,8 +8,6 @@ from transformers import Trainer, TrainerCallback
 
 from train import checkpoints, distributed
 from train.metrics import MetricsWriter, console, format_line, progress_bar
-
-logger = logging.getLogger(__name__)
 
 # Test hook: "kill_before_mark:N" SIGKILLs rank 0 after checkpoint-N is written but before it is
 # marked complete, i.e. a crash in the middle of a save.
@@ -81,6 +78,7 @@ class CheckpointCallback(TrainerCallback):
         if os.environ.get(FAULT_ENV) == f"kill_before_mark:{step}" and args.process_index == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         if args.should_save:
+            checkpoints.ensure_latest_tag(path, step)
             checkpoints.mark_complete(path, step, world_size=args.world_size)
             removed = checkpoints.rotate(args.output_dir, self.keep)
             if args.process_index == 0:
@@ -90,7 +88,7 @@ class CheckpointCallback(TrainerCallback):
         self.meter.exclude_since_mark()
 
 
-class ProgressCallback(TrainerCallback):
+class ProgressPrinter(TrainerCallback):
     """Rank 0: progress bar on a terminal, a line per log interval, metrics files."""
 
     def __init__(self, writer: MetricsWriter):

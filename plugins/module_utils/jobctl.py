@@ -18,8 +18,9 @@ import time
 # pdsh's own report of a node whose ssh session ended badly, e.g.
 # "pdsh@node1: node2: ssh exited with exit code 255"
 _PDSH_EXIT = re.compile(r"pdsh@\S+: (?P<node>[^\s:]+): ssh exited with exit code (?P<code>\d+)")
-# a rank's line, as pdsh prefixes it: "node2: Traceback ..." / "node2: ... Error ..."
-_RANK_ERROR = re.compile(r"^(?P<node>[^\s:]+): .*(Traceback|Error|Killed|exits with return code = (?!0\b))")
+# DeepSpeed's per-node launcher on a rank that died: "node2: ... exits with return code = -9"
+_RANK_EXIT = re.compile(r"^(?P<node>[^\s:@]+): .*exits with return code = (?P<code>-?\d+)")
+_TRACEBACK = re.compile(r"^(?P<node>[^\s:@]+): Traceback")
 
 
 def read_json(path, default=None):
@@ -81,13 +82,29 @@ def last_metrics(metrics_path):
 
 
 def failed_nodes(log_text):
-    """Nodes the launcher's log blames, in the order first seen."""
-    nodes = []
+    """Nodes the launcher's log blames, the likeliest cause first.
+
+    When one rank dies, its peers fail too a moment later (their collectives lose it), so order of
+    appearance is not enough: a node whose ssh session was lost (exit 255) comes first, then a node
+    whose rank was killed by a signal (return code < 0), then the others in the order seen."""
+    lost, killed, others = [], [], []
     for line in log_text.splitlines():
-        m = _PDSH_EXIT.search(line) or _RANK_ERROR.search(line)
-        if m and m.group("node") not in nodes and not m.group("node").startswith("pdsh@"):
-            nodes.append(m.group("node"))
-    return nodes
+        m = _PDSH_EXIT.search(line)
+        if m:
+            (lost if m.group("code") == "255" else others).append(m.group("node"))
+            continue
+        m = _RANK_EXIT.search(line)
+        if m and m.group("code") != "0":
+            (killed if m.group("code").startswith("-") else others).append(m.group("node"))
+            continue
+        m = _TRACEBACK.search(line)
+        if m:
+            others.append(m.group("node"))
+    ordered = []
+    for node in lost + killed + others:
+        if node not in ordered:
+            ordered.append(node)
+    return ordered
 
 
 def tail(path, lines=20):
@@ -129,9 +146,10 @@ def job_status(run_dir, output_dir):
         text = "\n".join(tail(log, 400))
         status["failed_nodes"] = failed_nodes(text)
         failure = read_json(os.path.join(run_dir, "failure.json"))
-        if failure and failure.get("node"):
+        if failure:
             status["failure"] = failure
-            status["failed_nodes"] = [failure["node"]] + [n for n in status["failed_nodes"] if n != failure["node"]]
+            if not status["failed_nodes"] and failure.get("node"):
+                status["failed_nodes"] = [failure["node"]]
         status["failed_node"] = status["failed_nodes"][0] if status["failed_nodes"] else None
         status["log_tail"] = tail(log, 15)
     return status
