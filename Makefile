@@ -6,10 +6,8 @@ NODES ?= 2
 VENV := $(CURDIR)/.venv
 export PATH := $(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
-# podman's settings live in .state/podman (see scripts/podman-env.sh)
-PODMAN_ENV := source scripts/podman-env.sh
 
-.PHONY: setup lab lab-down demo test test-unit lint molecule bench-provision clean
+.PHONY: setup lab lab-down demo test lint molecule render bench-provision bench-launch bench-gpu clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,17 +24,26 @@ demo: setup
 test: setup
 	@bash scripts/test.sh
 
-test-unit: setup
-	python -m pytest -q tests/unit
-
 lint: setup
 	ansible-lint --profile production
 
 molecule: setup
-	@$(PODMAN_ENV); for s in $${SCENARIOS:-$$(ls molecule)}; do molecule test -s $$s; done
+	@SCENARIOS="$(SCENARIOS)" bash scripts/test.sh molecule
+
+# The example cluster's hostfile, ds_config.json, .deepspeed_env and launch command, rendered
+# on this machine without contacting it.
+render: setup
+	ansible-playbook playbooks/render.yml -i inventory/example -e render_dir=$(CURDIR)/render
 
 bench-provision: setup
 	@bash bench/provision.sh
+
+bench-launch: setup
+	@bash bench/launch.sh
+
+# On the GPU machine (see docs/gpu-benchmarks.md).
+bench-gpu:
+	@bash bench/gpu.sh
 
 clean: lab-down
 	rm -rf .state render out

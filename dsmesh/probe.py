@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -30,17 +31,24 @@ def package_versions():
 
 
 def torch_facts():
-    """CUDA and NCCL as torch sees them (None on a CPU build)."""
+    """The CUDA torch was built for and the NCCL it ships with (None on a CPU build), read from the
+    installed files: importing torch would cost seconds per node, and the preflight must be quick."""
+    facts = {"cuda": None, "nccl": None}
     try:
-        import torch
-    except ImportError as e:
-        return {"error": f"cannot import torch: {e}"}
-    facts = {"cuda": torch.version.cuda, "nccl": None, "cuda_available": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        try:
-            facts["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except Exception:  # noqa: BLE001 - a build without NCCL reports none
-            pass
+        dist = metadata.distribution("torch")
+    except metadata.PackageNotFoundError:
+        return facts
+    version_py = dist.locate_file("torch/version.py")
+    try:
+        text = open(version_py).read()
+    except OSError:
+        text = ""
+    m = re.search(r"^cuda\s*(?::\s*\S+)?\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    facts["cuda"] = m.group(1) if m else None
+    for d in metadata.distributions():
+        name = (d.metadata["Name"] or "").lower()
+        if name.startswith("nvidia-nccl"):
+            facts["nccl"] = d.version
     return facts
 
 

@@ -124,8 +124,16 @@ def build_model(model_args, lora_args, training_args, tokenizer):
         raise ModelDirError(f"tokenizer in {path} has {len(tokenizer)} tokens but the model only "
                             f"{config.vocab_size} embeddings")
     if model_args.random_init:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
         torch.manual_seed(training_args.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        if training_args.device.type == "cuda" and not is_deepspeed_zero3_enabled():
+            # initialise straight on the GPU (the Trainer would move it there anyway): random init
+            # of 32B weights on the CPU takes minutes. (ZeRO-3 partitions it while building.)
+            with torch.device(training_args.device):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
                                                      local_files_only=True)

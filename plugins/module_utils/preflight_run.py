@@ -39,30 +39,54 @@ def run_probes(addresses, python, code_dir, paths, disk, checksum=True, timeout=
     return proc.stdout, proc.stderr, started, time.time()
 
 
-def run_collective(entries, launcher, master_addr, master_port, code_dir, env, timeout_s=180,
-                   size_mb=64.0, extra_launcher_args=()):
-    """Launch dsmesh.allreduce with `deepspeed --hostfile` from code_dir; (result or None, output)."""
-    with tempfile.TemporaryDirectory(prefix="dsmesh-preflight-") as tmp:
-        hostfile = os.path.join(tmp, "hostfile")
+class Collective(object):
+    """dsmesh.allreduce launched with `deepspeed --hostfile` from code_dir, in the background, so the
+    other checks run meanwhile; cancel() ends it (a node found down would make it hang)."""
+
+    def __init__(self, entries, launcher, master_addr, master_port, code_dir, env, timeout_s=180,
+                 size_mb=64.0, extra_launcher_args=()):
+        self.tmp = tempfile.TemporaryDirectory(prefix="dsmesh-preflight-")
+        hostfile = os.path.join(self.tmp.name, "hostfile")
         with open(hostfile, "w") as f:
             f.write(render_hostfile(entries))
-        env_file = os.path.join(tmp, "deepspeed_env")
+        env_file = os.path.join(self.tmp.name, "deepspeed_env")
         with open(env_file, "w") as f:
             f.write("".join(f"{k}={v}\n" for k, v in env.items()))
-        cmd = [launcher, "--hostfile", hostfile, "--launcher", "pdsh", "--master_addr", master_addr,
-               "--master_port", str(master_port), *extra_launcher_args,
-               "--module", "dsmesh.allreduce", "--size_mb", str(size_mb)]
-        run_env = dict(os.environ, DS_ENV_FILE=env_file, PYTHONPATH=code_dir, **env)
-        proc = subprocess.Popen(cmd, cwd=code_dir, env=run_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.cmd = [launcher, "--hostfile", hostfile, "--launcher", "pdsh", "--master_addr", master_addr,
+                    "--master_port", str(master_port), *extra_launcher_args,
+                    "--module", "dsmesh.allreduce", "--size_mb", str(size_mb)]
+        self.timeout_s = timeout_s
+        self.started = time.time()
+        self.proc = subprocess.Popen(self.cmd, cwd=code_dir, env=dict(os.environ, DS_ENV_FILE=env_file, **env),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+
+    def _kill(self):
         try:
-            out, _ = proc.communicate(timeout=timeout_s)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def cancel(self):
+        self._kill()
+        self.proc.communicate()
+        self.tmp.cleanup()
+
+    def result(self):
+        """(result dict or None, the command, its output)."""
+        try:
+            out, _ = self.proc.communicate(timeout=max(1, self.timeout_s - (time.time() - self.started)))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            out, _ = proc.communicate()
-            out += f"\n[preflight] the all-reduce did not finish in {timeout_s} s and was stopped"
-    result = None
-    for line in out.splitlines():
-        if "DSMESH_ALLREDUCE " in line:
-            result = json.loads(line.split("DSMESH_ALLREDUCE ", 1)[1])
-    return result, " ".join(shlex.quote(c) for c in cmd), out
+            self._kill()
+            out, _ = self.proc.communicate()
+            out += f"\n[preflight] the all-reduce did not finish in {self.timeout_s} s and was stopped"
+        self.tmp.cleanup()
+        result = None
+        for line in out.splitlines():
+            if "DSMESH_ALLREDUCE " in line:
+                result = json.loads(line.split("DSMESH_ALLREDUCE ", 1)[1])
+        return result, " ".join(shlex.quote(c) for c in self.cmd), out

@@ -127,7 +127,7 @@ from ansible.module_utils.ds_hostfile import HostfileError, resolve_nodes
 from ansible.module_utils.preflight import (build_report, collective_row, failed, format_report,
                                             parse_probe_output)
 from ansible.module_utils.pdsh_clock import check_clocks
-from ansible.module_utils.preflight_run import check_mesh, run_collective, run_probes
+from ansible.module_utils.preflight_run import Collective, check_mesh, run_probes
 
 
 def main():
@@ -164,11 +164,19 @@ def main():
         if module.get_bin_path(tool) is None:
             module.fail_json(msg=f"{tool} is not installed on the master ({master}): run site.yml's ssh and pdsh parts first")
 
+    # The all-reduce (the slowest check: a real launch) runs while the others are checked; it is
+    # cancelled if any of them fails, since a node that is down would make it hang.
+    collective_run = None
+    if p["collective"]:
+        env = build_env(user_vars=p["env"], venv=os.path.dirname(os.path.dirname(p["python"])))
+        collective_run = Collective(nodes, os.path.join(os.path.dirname(p["python"]), "deepspeed"), p["master_addr"],
+                                    p["master_port"], p["code_dir"], env, p["timeout"],
+                                    extra_launcher_args=p["launcher_args"])
     mesh = check_mesh(list(by_address))
     clock = check_clocks(list(by_address))
     clock["offsets_seconds"] = {by_address[a]["name"]: o for a, o in clock["offsets_seconds"].items()}
     stdout, stderr, _, _ = run_probes(list(by_address), p["python"], p["code_dir"], p["paths"],
-                                                   p["disk_path"], p["checksum"])
+                                      p["disk_path"], p["checksum"])
     facts = parse_probe_output(stdout)
     table = {n["name"]: {"address": n["address"], "slots": n["slots"], "facts": facts.get(n["address"])}
              for n in nodes}
@@ -180,15 +188,13 @@ def main():
                         p["min_free_gb"], p["clock_warn_seconds"], p["clock_fail_seconds"], clock)
 
     collective, launch_cmd, launch_out = None, None, ""
-    if p["collective"]:
+    if collective_run is not None:
         if failed(rows):
+            collective_run.cancel()
             rows.append({"check": "all-reduce", "node": "cluster", "status": "skip",
                          "detail": "not run: fix the failures above first"})
         else:
-            env = build_env(user_vars=p["env"], venv=os.path.dirname(os.path.dirname(p["python"])))
-            collective, launch_cmd, launch_out = run_collective(
-                nodes, os.path.join(os.path.dirname(p["python"]), "deepspeed"), p["master_addr"],
-                p["master_port"], p["code_dir"], env, p["timeout"], extra_launcher_args=p["launcher_args"])
+            collective, launch_cmd, launch_out = collective_run.result()
             hostnames = [(t["facts"] or {}).get("hostname") for t in table.values()]
             rows.append(collective_row(collective, [h for h in hostnames if h],
                                        sum(int(n["slots"]) for n in nodes)))

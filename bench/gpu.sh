@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# GPU throughput benchmark (docs/gpu-benchmarks.md), meant to run ON a GPU machine from the repo root:
+#   bash bench/gpu.sh [gpu_throughput.py arguments]        (make bench-gpu)
+# Installs the wheels carried in .whl/ when deepspeed is missing (machines with no registry access),
+# then runs bench/gpu_throughput.py. Results go to ${OUT:-gpu_bench}/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! $PY -c 'import deepspeed' 2>/dev/null; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        echo "deepspeed is not installed and no wheels are in .whl/ (see docs/gpu-benchmarks.md)" >&2
+        exit 2
+    fi
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
+$PY -c 'import torch, transformers, deepspeed; print("torch", torch.__version__, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__, torch.cuda.get_device_name())'
+exec $PY bench/gpu_throughput.py --out "${OUT:-gpu_bench}" "$@"
