@@ -15,6 +15,9 @@ if ! $PY -c 'import deepspeed' 2>/dev/null; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# DeepSpeed 0.19.8's JIT op builder cannot parse arch names like "9.0a" (ValueError: invalid
+# literal for int() with base 10: '0a'); sm_90 code runs on H100/H200 all the same.
+if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//a/}"; fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 $PY -c 'import torch, transformers, deepspeed; print("torch", torch.__version__, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__, torch.cuda.get_device_name())'
 exec $PY bench/gpu_throughput.py --out "${OUT:-gpu_bench}" "$@"

@@ -12,6 +12,7 @@ Variants (each a fresh process, so peak memory is its own):
   ours        python -m train --deepspeed <planner's ds_config.json> + the planner's trainer arguments
   ours_nods   python -m train with the planner's batch layout and checkpointing choice, DeepSpeed off
               (one GPU needs no partitioning), fused torch AdamW
+  ours_nods_compile   the same + --torch_compile true
 
 Throughput: tokens/s over the steps after --warmup (wall clock per optimizer step, each step ends with
 a loss read, i.e. a GPU sync). MFU = tokens/s x FLOPs per token / 989e12 (H100 SXM dense bf16), with
@@ -206,7 +207,8 @@ def tail(path, n=15):
         return "".join(f.readlines()[-n:])
 
 
-def run_ours(model_dir, wl, seq_len, steps, warmup, seed, work, ds_cfg, argv, use_ds, log_path, timeout):
+def run_ours(model_dir, wl, seq_len, steps, warmup, seed, work, ds_cfg, argv, use_ds, log_path, timeout,
+             compile_model=False):
     out_dir = os.path.join(work, "ours_run")
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "train", "--model_name_or_path", model_dir, "--random_init",
@@ -223,6 +225,8 @@ def run_ours(model_dir, wl, seq_len, steps, warmup, seed, work, ds_cfg, argv, us
         cmd += ["--deepspeed", path]
     else:
         cmd += ["--optim", "adamw_torch_fused"]
+    if compile_model:
+        cmd += ["--torch_compile", "true"]
     rc, wall = run_child(cmd, log_path, timeout)
     if rc != 0:
         return {"rc": rc, "wall_s": wall, "error": tail(log_path)}
@@ -310,10 +314,12 @@ def main():
                     wl["global_batch"] // micro)
             else:
                 use_ds = variant == "ours"
+                compile_model = variant.endswith("_compile")
                 r = run_ours(model_dir, wl, a.seq_len, steps, warmup, a.seed, work, ds_cfg, argv, use_ds,
-                             log_path, a.timeout)
+                             log_path, a.timeout, compile_model)
                 r["layout"] = "%s, micro %d x accum %d, %s" % (
-                    "ZeRO-%d (planner)" % plan["zero_stage"] if use_ds else "no DeepSpeed, fused AdamW",
+                    "ZeRO-%d (planner)" % plan["zero_stage"] if use_ds else
+                    "no DeepSpeed, fused AdamW" + (", torch.compile" if compile_model else ""),
                     plan["micro_batch_size"], plan["gradient_accumulation_steps"],
                     "checkpointing" if plan["gradient_checkpointing"] else "no checkpointing")
             r.update({"workload": name, "variant": variant, "steps": steps, "warmup": warmup,
@@ -333,7 +339,7 @@ def main():
                 print(r.get("error", ""), flush=True)
         peers = [res[v]["tokens_per_s"] for v in ("peer_ds3", "peer_plain") if res.get(v, {}).get("tokens_per_s")]
         best_peer = max(peers) if peers else None
-        for v in ("ours", "ours_nods"):
+        for v in ("ours", "ours_nods", "ours_nods_compile"):
             r = res.get(v)
             if r and r.get("tokens_per_s") and best_peer:
                 r["ratio_vs_best_peer"] = r["tokens_per_s"] / best_peer
