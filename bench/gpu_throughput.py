@@ -139,6 +139,8 @@ def run_peer(a):
         max_steps=a.steps, learning_rate=a.lr, bf16=True, logging_steps=1, save_strategy="no", report_to=[],
         remove_unused_columns=False, seed=a.seed, disable_tqdm=True,
         deepspeed=dict(HF_ZERO3_AUTO) if a.deepspeed else None,
+        # DeepSpeed 0.19.8's WarmupLR rejects warmup_num_steps 0 (what "auto" becomes by default)
+        warmup_steps=1 if a.deepspeed else 0,
         **{ckpt: True, ckpt + "_kwargs": {"use_reentrant": False}})
     config = AutoConfig.from_pretrained(a.model_dir)
     config.use_cache = False
@@ -250,13 +252,15 @@ def compare_losses(a, b, n=10):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="w1,w2")
-    p.add_argument("--variants", default="peer_ds3,peer_plain,ours,ours_nods")
+    p.add_argument("--variants", default="peer_ds3,peer_plain,ours,ours_nods,ours_nods_compile")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (W2 runs a third of them)")
     p.add_argument("--warmup", type=int, default=5, help="steps left out of tokens/s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
     p.add_argument("--out", default="gpu_bench")
+    p.add_argument("--ours-micro", type=int, help="micro-batch for the ours_nods* variants instead of the plan's "
+                   "(the planner does not model torch.compile's smaller activations)")
     # internal: one peer run
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir")
@@ -315,12 +319,19 @@ def main():
             else:
                 use_ds = variant == "ours"
                 compile_model = variant.endswith("_compile")
-                r = run_ours(model_dir, wl, a.seq_len, steps, warmup, a.seed, work, ds_cfg, argv, use_ds,
+                micro, accum, run_argv = plan["micro_batch_size"], plan["gradient_accumulation_steps"], list(argv)
+                if a.ours_micro and not use_ds:
+                    micro, accum = a.ours_micro, wl["global_batch"] // a.ours_micro
+                    i = run_argv.index("--per_device_train_batch_size")
+                    run_argv[i + 1] = str(micro)
+                    i = run_argv.index("--gradient_accumulation_steps")
+                    run_argv[i + 1] = str(accum)
+                r = run_ours(model_dir, wl, a.seq_len, steps, warmup, a.seed, work, ds_cfg, run_argv, use_ds,
                              log_path, a.timeout, compile_model)
                 r["layout"] = "%s, micro %d x accum %d, %s" % (
                     "ZeRO-%d (planner)" % plan["zero_stage"] if use_ds else
                     "no DeepSpeed, fused AdamW" + (", torch.compile" if compile_model else ""),
-                    plan["micro_batch_size"], plan["gradient_accumulation_steps"],
+                    micro, accum,
                     "checkpointing" if plan["gradient_checkpointing"] else "no checkpointing")
             r.update({"workload": name, "variant": variant, "steps": steps, "warmup": warmup,
                       "global_batch": wl["global_batch"], "seq_len": a.seq_len, "flops_per_token": fpt})
