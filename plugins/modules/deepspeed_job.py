@@ -87,7 +87,6 @@ run_id:
   type: str
 """
 
-import os
 import subprocess
 import time
 
