@@ -6,13 +6,15 @@ tokens, the same global batch and sequence length for every variant.
     python bench/gpu_throughput.py --workloads w1 --steps 30 --warmup 5 --out /tmp/gpu_bench
 
 Variants (each a fresh process, so peak memory is its own):
-  peer_ds3    plain HF Trainer + DeepSpeed ZeRO-3 with HF's documented "auto" config, SDPA,
-              gradient checkpointing on
-  peer_plain  plain HF Trainer, DeepSpeed off, bf16 weights, SDPA, gradient checkpointing on
-  ours        python -m train --deepspeed <planner's ds_config.json> + the planner's trainer arguments
-  ours_nods   python -m train with the planner's batch layout and checkpointing choice, DeepSpeed off
-              (one GPU needs no partitioning), fused torch AdamW
-  ours_nods_compile   the same + --torch_compile true
+  peer_ds3        plain HF Trainer + DeepSpeed ZeRO-3 with HF's documented "auto" config, SDPA,
+                  gradient checkpointing on
+  peer_plain      plain HF Trainer, DeepSpeed off, bf16 weights, SDPA, gradient checkpointing on
+  ours            python -m train with the planner's plan for this GPU, as the deepspeed_config module
+                  renders it: on one GPU that is plain PyTorch (no --deepspeed), fused AdamW, compiled
+                  layers, and as few checkpointed layers and as large a micro-batch as fit
+  ours_deepspeed  the same with the plan override engine=deepspeed: the planner's ds_config.json
+                  (ZeRO-0 on one GPU) and trainer arguments
+--ours-overrides '{"micro_batch_size": 1}' adds plan overrides to both (experiments).
 
 Throughput: tokens/s over the steps after --warmup (wall clock per optimizer step, each step ends with
 a loss read, i.e. a GPU sync). MFU = tokens/s x FLOPs per token / 989e12 (H100 SXM dense bf16), with
@@ -103,7 +105,7 @@ def host_memory_gib():
     return 64.0
 
 
-def make_plan(model_dir, wl, seq_len):
+def make_plan(model_dir, wl, seq_len, overrides=None):
     import ds_planner
 
     gpu_name, gpu_gib = gpu_facts()
@@ -112,7 +114,7 @@ def make_plan(model_dir, wl, seq_len):
                                  gpu_model=gpu_name)
     job = ds_planner.Job(seq_len=seq_len, global_batch_size=wl["global_batch"], finetune=wl["finetune"],
                          learning_rate=wl["lr"])
-    p = ds_planner.plan(model, cluster, job)
+    p = ds_planner.plan(model, cluster, job, overrides=overrides)
     cfg = ds_planner.build_ds_config(p, job, model)
     return p, cfg, ds_planner.trainer_argv(ds_planner.trainer_args(cfg, p))
 
@@ -209,8 +211,9 @@ def tail(path, n=15):
         return "".join(f.readlines()[-n:])
 
 
-def run_ours(model_dir, wl, seq_len, steps, warmup, seed, work, ds_cfg, argv, use_ds, log_path, timeout,
-             compile_model=False):
+def run_ours(model_dir, wl, seq_len, steps, warmup, seed, work, plan, ds_cfg, argv, log_path, timeout):
+    """python -m train as the launch role runs it: the plan's trainer arguments, --deepspeed only
+    when the plan's engine is DeepSpeed."""
     out_dir = os.path.join(work, "ours_run")
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "train", "--model_name_or_path", model_dir, "--random_init",
@@ -220,15 +223,11 @@ def run_ours(model_dir, wl, seq_len, steps, warmup, seed, work, ds_cfg, argv, us
            "--report_to", "none"] + argv
     if wl["finetune"] == "lora":
         cmd += ["--lora", "--lora_r", "16"]
-    if use_ds:
+    if plan["engine"] == "deepspeed":
         path = os.path.join(work, "ds_config.json")
         with open(path, "w") as f:
             json.dump(ds_cfg, f, indent=2)
         cmd += ["--deepspeed", path]
-    else:
-        cmd += ["--optim", "adamw_torch_fused"]
-    if compile_model:
-        cmd += ["--torch_compile", "true"]
     rc, wall = run_child(cmd, log_path, timeout)
     if rc != 0:
         return {"rc": rc, "wall_s": wall, "error": tail(log_path)}
@@ -237,9 +236,11 @@ def run_ours(model_dir, wl, seq_len, steps, warmup, seed, work, ds_cfg, argv, us
     by_step = {h["step"]: h for h in hist}
     first, last = by_step[warmup], hist[-1]
     tps = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        package_mfu = json.load(f)["mfu"]
     return {"rc": 0, "wall_s": wall, "losses": [h["loss"] for h in hist], "tokens_per_s": tps,
             "peak_allocated_gib": max(h.get("memory_gb") or 0 for h in hist[1:] or hist),
-            "peak_reserved_gib": None, "package_mfu": (json.load(open(os.path.join(out_dir, "summary.json"))))["mfu"]}
+            "peak_reserved_gib": None, "package_mfu": package_mfu}
 
 
 def compare_losses(a, b, n=10):
@@ -252,15 +253,17 @@ def compare_losses(a, b, n=10):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="w1,w2")
-    p.add_argument("--variants", default="peer_ds3,peer_plain,ours,ours_nods,ours_nods_compile")
+    p.add_argument("--variants", default="peer_ds3,peer_plain,ours")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (W2 runs a third of them)")
     p.add_argument("--warmup", type=int, default=5, help="steps left out of tokens/s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
     p.add_argument("--out", default="gpu_bench")
-    p.add_argument("--ours-micro", type=int, help="micro-batch for the ours_nods* variants instead of the plan's "
-                   "(the planner does not model torch.compile's smaller activations)")
+    p.add_argument("--ours-overrides", type=json.loads, default={},
+                   help="plan overrides (JSON) for the ours* variants, e.g. '{\"micro_batch_size\": 1}'")
+    p.add_argument("--ours-extra", default="", help="extra `python -m train` arguments for the ours* variants, "
+                   "appended after the plan's (experiments beyond the plan, e.g. '--checkpoint_layers 40')")
     # internal: one peer run
     p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir")
@@ -290,9 +293,15 @@ def main():
         with open(os.path.join(model_dir, "config.json")) as f:
             cfg = json.load(f)
         fpt = flops_per_token(cfg, a.seq_len, 16 if wl["finetune"] == "lora" else None)
-        plan, ds_cfg, argv = make_plan(model_dir, wl, a.seq_len)
-        print("[%s] plan: %s; ds_config zero stage %d; predicted peak %.1f GiB reserved" % (
-            name, plan["label"], plan["zero_stage"], plan["predicted_peak_reserved_gib"]), flush=True)
+        plans = {"ours": make_plan(model_dir, wl, a.seq_len, a.ours_overrides)}
+        if "ours_deepspeed" in a.variants.split(","):
+            plans["ours_deepspeed"] = make_plan(model_dir, wl, a.seq_len, dict(a.ours_overrides, engine="deepspeed"))
+        if a.ours_extra:
+            plans = dict((v, (p_, c_, argv_ + a.ours_extra.split())) for v, (p_, c_, argv_) in plans.items())
+        for variant, (plan, _, argv) in plans.items():
+            print("[%s] %s plan: %s; predicted peak %.1f GiB allocated, %.1f reserved; %s" % (
+                name, variant, plan["label"], plan["predicted_peak_allocated_gib"], plan["predicted_peak_reserved_gib"],
+                " ".join(argv)), flush=True)
         res = {}
         for variant in a.variants.split(","):
             log_path = os.path.join(a.out, "%s_%s.log" % (name, variant))
@@ -317,22 +326,11 @@ def main():
                     "3 (HF auto)" if variant == "peer_ds3" else "off (no DeepSpeed)", micro,
                     wl["global_batch"] // micro)
             else:
-                use_ds = variant == "ours"
-                compile_model = variant.endswith("_compile")
-                micro, accum, run_argv = plan["micro_batch_size"], plan["gradient_accumulation_steps"], list(argv)
-                if a.ours_micro and not use_ds:
-                    micro, accum = a.ours_micro, wl["global_batch"] // a.ours_micro
-                    i = run_argv.index("--per_device_train_batch_size")
-                    run_argv[i + 1] = str(micro)
-                    i = run_argv.index("--gradient_accumulation_steps")
-                    run_argv[i + 1] = str(accum)
-                r = run_ours(model_dir, wl, a.seq_len, steps, warmup, a.seed, work, ds_cfg, run_argv, use_ds,
-                             log_path, a.timeout, compile_model)
-                r["layout"] = "%s, micro %d x accum %d, %s" % (
-                    "ZeRO-%d (planner)" % plan["zero_stage"] if use_ds else
-                    "no DeepSpeed, fused AdamW" + (", torch.compile" if compile_model else ""),
-                    micro, accum,
-                    "checkpointing" if plan["gradient_checkpointing"] else "no checkpointing")
+                plan, ds_cfg, argv = plans[variant]
+                r = run_ours(model_dir, wl, a.seq_len, steps, warmup, a.seed, work, plan, ds_cfg, argv, log_path,
+                             a.timeout)
+                r["layout"] = plan["label"] + ", x %d accumulation" % plan["gradient_accumulation_steps"]
+                r["predicted_peak_allocated_gib"] = plan["predicted_peak_allocated_gib"]
             r.update({"workload": name, "variant": variant, "steps": steps, "warmup": warmup,
                       "global_batch": wl["global_batch"], "seq_len": a.seq_len, "flops_per_token": fpt})
             if r.get("tokens_per_s"):
@@ -350,7 +348,7 @@ def main():
                 print(r.get("error", ""), flush=True)
         peers = [res[v]["tokens_per_s"] for v in ("peer_ds3", "peer_plain") if res.get(v, {}).get("tokens_per_s")]
         best_peer = max(peers) if peers else None
-        for v in ("ours", "ours_nods", "ours_nods_compile"):
+        for v in ("ours", "ours_deepspeed"):
             r = res.get(v)
             if r and r.get("tokens_per_s") and best_peer:
                 r["ratio_vs_best_peer"] = r["tokens_per_s"] / best_peer

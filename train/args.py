@@ -26,6 +26,13 @@ class ModelArguments:
                 "flex_attention or eager."})
     chat_template: str | None = field(default=None, metadata={
         "help": "Chat template (Jinja text or a file) replacing the tokenizer's, for `messages` data."})
+    compile_regions: bool = field(default=False, metadata={
+        "help": "torch.compile each decoder layer and the loss (regional compilation: the layers share one "
+                "compiled graph, so a 64-layer model compiles in about the time of one layer, and it works with "
+                "gradient checkpointing). --torch_compile compiles the whole model instead."})
+    checkpoint_layers: int | None = field(default=None, metadata={
+        "help": "With gradient checkpointing, checkpoint only the first N decoder layers; the others keep "
+                "their activations (faster, more memory). Default: all. The planner sets it."})
 
 
 @dataclass
@@ -328,7 +335,28 @@ def parse(pre, world_size, configured_state):
             "ds_source": ds_source, "argv": argv}
     if ds_config is not None:
         check_ds_mismatches(training_args, ds_source)
+    check_speed_options(model_args, training_args, ds_config)
     return model_args, data_args, lora_args, run_args, training_args, info
+
+
+def check_speed_options(model_args, training_args, ds_config):
+    if model_args.compile_regions and training_args.torch_compile:
+        raise ConfigError("--compile_regions and --torch_compile both compile the model: choose one")
+    if model_args.compile_regions and zero_stage(ds_config) == 3:
+        raise ConfigError("--compile_regions does not work with ZeRO-3 (its parameter hooks break the compiled "
+                          "layers): drop it or use ZeRO-0/1/2")
+    if model_args.checkpoint_layers is not None:
+        if model_args.checkpoint_layers < 1:
+            raise ConfigError(f"--checkpoint_layers must be at least 1, got {model_args.checkpoint_layers} "
+                              "(for no checkpointing, pass --gradient_checkpointing false)")
+        if not checkpointing_enabled(training_args):
+            raise ConfigError("--checkpoint_layers needs --gradient_checkpointing true")
+
+
+def checkpointing_enabled(training_args):
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing
+    return bool(getattr(training_args, "activation_checkpointing", None)
+                or getattr(training_args, "gradient_checkpointing", None))
 
 
 def _strip_flag(argv, name):

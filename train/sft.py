@@ -85,7 +85,7 @@ def train(pre, rank, local_rank, world_size, say, state):
 
     from train import args as args_mod
     from train import checkpoints, data, metrics, modeling
-    from train.trainer import CheckpointCallback, ProgressPrinter, SFTTrainer
+    from train.trainer import CheckpointCallback, CheckpointLayersCallback, ProgressPrinter, SFTTrainer
 
     use_deepspeed = pre["raw"].deepspeed is not None
     configured_state = not torch.cuda.is_available() and (use_deepspeed or world_size > 1)
@@ -127,6 +127,8 @@ def train(pre, rank, local_rank, world_size, say, state):
 
     model = modeling.build_model(model_args, lora_args, training_args, tokenizer)
     total_params, trainable_params = modeling.count_parameters(model)
+    if model_args.compile_regions:
+        modeling.compile_regions(model)
     seq_len = data_args.max_seq_length
     meter = metrics.Meter(modeling.flops_per_token(model, seq_len),
                           metrics.peak_flops_per_device(training_args, run_args.peak_tflops),
@@ -143,7 +145,8 @@ def train(pre, rank, local_rank, world_size, say, state):
         f"{total_params / 1e6:.1f}M parameters, {trainable_params / 1e6:.2f}M trainable"
         f"{' (LoRA r=%d)' % lora_args.lora_r if lora_args.lora else ''}; "
         f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else 'fp32'}, "
-        f"ZeRO-{args_mod.zero_stage(info['ds_config']) if info['ds_config'] else 'off'}, world size {world_size}")
+        f"ZeRO-{args_mod.zero_stage(info['ds_config']) if info['ds_config'] else 'off'}, world size {world_size}"
+        + (", compiled layers" if model_args.compile_regions else ""))
     say(f"data: {ts.examples} examples -> {ts.rows} sequences of <= {seq_len} tokens "
         f"({ts.tokens} tokens, {ts.trainable_tokens} with loss); {ts.truncated} truncated, {ts.dropped} dropped"
         + (f"; {ts.last_turn_only} chats trained on their last turn only" if ts.last_turn_only else "")
@@ -167,6 +170,8 @@ def train(pre, rank, local_rank, world_size, say, state):
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(CheckpointCallback(meter, keep=info["save_total_limit"], fsync=run_args.fsync_checkpoints))
+    if model_args.checkpoint_layers is not None:
+        trainer.add_callback(CheckpointLayersCallback(model_args.checkpoint_layers))
     if writer is not None:
         trainer.add_callback(ProgressPrinter(writer))
 

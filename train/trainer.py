@@ -47,6 +47,21 @@ class SFTTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
 
 
+class CheckpointLayersCallback(TrainerCallback):
+    """--checkpoint_layers N: the Trainer turns checkpointing on for every layer when training
+    starts; this turns it off again past the first N (their activations stay in memory)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from train.modeling import limit_checkpointed_layers
+
+        kept = limit_checkpointed_layers(model, self.n)
+        if args.process_index == 0:
+            console()(f"gradient checkpointing on {kept} decoder layer(s), the others keep their activations")
+
+
 class CheckpointCallback(TrainerCallback):
     """Marks a checkpoint complete once every rank has written it; rotates old ones after that."""
 

@@ -53,7 +53,21 @@ DEFAULT_SETTINGS = {
     "offload_optimizer_cost": 1.5,
     "offload_param_cost": 2.0,
     "max_micro_batch": 64,
+    # micro_tokens_half_efficiency holds for this hidden size; wider matmuls reach the same
+    # efficiency with proportionally fewer tokens.
+    "micro_efficiency_hidden": 1536,
+    # One GPU (world size 1) needs no partitioning, so the planner also weighs plain PyTorch (the
+    # "torch" engine: 16-bit weights, fused AdamW, torch.compile). On an H100 (docs/gpu-benchmarks.md)
+    # DeepSpeed ZeRO-0 took 1.24x the time of plain PyTorch, and torch.compile took 0.8x of that.
+    "deepspeed_single_gpu_cost": 1.24,
+    "compile_cost": 0.8,
 }
+
+ENGINES = ("deepspeed", "torch")
+
+# Arguments of the training package (train/args.py) that trainer_args() may add besides HF's
+# TrainingArguments.
+PACKAGE_ARGS = ("checkpoint_layers", "compile_regions")
 
 
 class PlanError(Exception):
@@ -369,14 +383,36 @@ def model_state_bytes(model, job, world_size, precision, stage, offload_optimize
     return dict((k, int(v)) for k, v in out.items())
 
 
-def activation_bytes_per_layer_token(model, job, precision):
+def torch_state_bytes(model, job, precision):
+    """GPU bytes for parameters, gradients and optimizer states without DeepSpeed (one GPU).
+
+    The weights train in their 16-bit dtype with torch's fused AdamW, whose moments take the
+    parameters' dtype: 2 + 2 + 4 bytes per trainable parameter in bf16, no fp32 master copy (as
+    plain HF Trainer on bf16 weights). LoRA adapters are fp32 (peft upcasts them): 4 + 4 + 8.
+    """
+    P = model.num_parameters
+    T = trainable_parameters(model, job)
+    w = _bytes_per_value(precision)
+    if job.finetune == "lora":
+        out = {"parameters": w * P + 4 * T, "gradients": 4 * T, "optimizer_states": 8 * T}
+    else:
+        out = {"parameters": w * P, "gradients": w * T, "optimizer_states": 2 * w * T}
+    out["fp32_gradients"] = 0
+    return dict((k, int(v)) for k, v in out.items())
+
+
+def activation_bytes_per_layer_token(model, job, precision, compiled=False):
     """Bytes autograd keeps per token for one decoder layer (no checkpointing).
 
     Counted tensor by tensor for HF's Qwen2/Llama decoder with SDPA (flash / memory-efficient
     kernels, native GQA) and checked against torch.autograd saved-tensor hooks in the unit tests.
+    compiled: the layer runs under torch.compile, whose partitioner keeps the matmuls' outputs and
+    recomputes the element-wise work (norms, rotary, SiLU, products) in the backward pass.
     """
     h, i, qd, kd = model.hidden_size, model.intermediate_size, model.q_dim, model.kv_dim
     w = _bytes_per_value(precision)
+    if compiled:
+        return _compiled_layer_bytes_per_token(model, job, w)
     # RMSNorm upcasts its input to fp32 (4h kept by pow/mul) and keeps the rsqrt (4 bytes); with a
     # trainable weight it also keeps the normalised 16-bit tensor for the weight's gradient.
     norm = 4 * h + 4 + (w * h if job.finetune == "full" else 0)
@@ -408,6 +444,28 @@ def activation_bytes_per_layer_token(model, job, precision):
             "adapters": adapters}
 
 
+def _compiled_layer_bytes_per_token(model, job, w):
+    """Per-token bytes of one compiled decoder layer. Fitted to the H100 runs of the Qwen2.5-1.5B
+    shape (docs/gpu-benchmarks.md: 35.5 / 56.6 GiB at micro-batch 4 / 8, no checkpointing)."""
+    h, i, qd, kd = model.hidden_size, model.intermediate_size, model.q_dim, model.kv_dim
+    # Each norm's input (the residual stream) and its rsqrt; the normalised tensor is recomputed.
+    norms = 2 * (w * h + 4)
+    # q, k, v before rotary (rotary is recomputed), the SDPA output and its fp32 log-sum-exp.
+    attn = w * (2 * qd + 2 * kd) + 4 * model.num_heads
+    # gate and up outputs; SiLU and the product feeding down_proj are recomputed.
+    mlp = 2 * w * i
+    adapters = 0
+    if job.finetune == "lora":
+        targets = set(job.lora_targets)
+        adapters = len(targets) * w * job.lora_rank
+        if job.lora_dropout > 0:
+            # one dropout mask per adapted module (1 byte per input element) and, to be safe, its
+            # dropped-out input
+            inputs = dict((name, fin) for name, fin, _, _ in model.linear_shapes())
+            adapters += sum((w + 1) * inputs[t] for t in targets)
+    return {"norms": norms, "attention": attn, "mlp": mlp, "linear_inputs": 0, "adapters": adapters}
+
+
 def backward_transient_per_token(model, job, precision):
     """Gradient buffers alive while one layer runs backward: w * (2i + 2h) per token.
 
@@ -417,23 +475,30 @@ def backward_transient_per_token(model, job, precision):
     return _bytes_per_value(precision) * (2 * i + 2 * h)
 
 
-def activation_bytes(model, job, precision, micro_batch, checkpointing):
-    """Peak activation bytes of one micro-batch on one rank, with its breakdown."""
+def activation_bytes(model, job, precision, micro_batch, checkpointing, compiled=False, checkpoint_layers=None):
+    """Peak activation bytes of one micro-batch on one rank, with its breakdown.
+
+    checkpoint_layers: with checkpointing, how many decoder layers are checkpointed (default all);
+    the others keep their activations. compiled: torch.compile (layers and loss)."""
     tokens = micro_batch * job.seq_len
     w = _bytes_per_value(precision)
     h, V = model.hidden_size, model.vocab_size
-    per_layer = sum(activation_bytes_per_layer_token(model, job, precision).values())
+    per_layer = sum(activation_bytes_per_layer_token(model, job, precision, compiled).values())
     # Final norm (its output feeds lm_head, kept when lm_head trains) and the loss: HF upcasts
     # the logits to fp32; at the start of backward the fp32 log-softmax output, its gradient and
     # the gradient of the upcast are alive together: 12 bytes per vocabulary entry per token.
     final_norm = 4 * h + 4 + (2 * w * h if job.finetune == "full" else 0)
-    logits = 12 * V
+    # Compiled, the loss fuses the upcast: 10 bytes per entry, fitted with the layers' terms to the
+    # H100 runs (see _compiled_layer_bytes_per_token).
+    logits = (10 if compiled else 12) * V
     labels = 16
     transient = backward_transient_per_token(model, job, precision)
     # cos/sin of the rotary embedding: per position, shared by the batch and all layers.
     rope = 2 * w * model.head_dim * job.seq_len
     if checkpointing:
-        kept = model.num_layers * w * h  # each layer's input
+        k = model.num_layers if checkpoint_layers is None else max(1, min(int(checkpoint_layers), model.num_layers))
+        # each checkpointed layer keeps its input; the others all their activations
+        kept = k * w * h + (model.num_layers - k) * per_layer
         peak_token = kept + labels + max(final_norm + logits, per_layer + transient)
         layers = kept * tokens
         working = (peak_token - kept) * tokens
@@ -520,14 +585,38 @@ def host_bytes(model, job, cluster, stage, offload_optimizer, offload_param, set
 
 
 class Candidate(object):
-    __slots__ = ("stage", "offload_optimizer", "offload_param", "checkpointing", "micro_batch")
+    """One way to run the job. engine "torch" (one GPU only) is plain PyTorch: no DeepSpeed, no
+    partitioning (stage 0), torch.compile. checkpoint_layers: how many decoder layers are
+    checkpointed when checkpointing (None: all)."""
+    __slots__ = ("stage", "offload_optimizer", "offload_param", "checkpointing", "micro_batch", "engine",
+                 "checkpoint_layers", "num_layers")
 
-    def __init__(self, stage, offload_optimizer, offload_param, checkpointing, micro_batch):
+    def __init__(self, stage, offload_optimizer, offload_param, checkpointing, micro_batch, engine="deepspeed",
+                 checkpoint_layers=None, num_layers=None):
         self.stage = stage
         self.offload_optimizer = offload_optimizer
         self.offload_param = offload_param
         self.checkpointing = checkpointing
         self.micro_batch = micro_batch
+        self.engine = engine
+        self.checkpoint_layers = checkpoint_layers
+        self.num_layers = num_layers
+
+    @property
+    def compiled(self):
+        return self.engine == "torch"
+
+    def with_checkpoint_layers(self, k):
+        c = copy.copy(self)
+        c.checkpoint_layers = k
+        return c
+
+    def checkpoint_fraction(self):
+        if not self.checkpointing:
+            return 0.0
+        if self.checkpoint_layers is None or not self.num_layers:
+            return 1.0
+        return min(1.0, float(self.checkpoint_layers) / self.num_layers)
 
     def label(self):
         off = "no offload"
@@ -535,18 +624,29 @@ class Candidate(object):
             off = "optimizer+params offloaded to CPU"
         elif self.offload_optimizer:
             off = "optimizer offloaded to CPU"
-        return "ZeRO-%d, %s, %s, micro-batch %d" % (
-            self.stage, off, "gradient checkpointing" if self.checkpointing else "no checkpointing",
-            self.micro_batch)
+        ckpt = "no checkpointing"
+        if self.checkpointing:
+            ckpt = "gradient checkpointing"
+            if self.checkpoint_layers is not None and self.num_layers and self.checkpoint_layers < self.num_layers:
+                ckpt = "gradient checkpointing of %d of %d layers" % (self.checkpoint_layers, self.num_layers)
+        if self.engine == "torch":
+            return "no DeepSpeed (one GPU: PyTorch, fused AdamW, torch.compile), %s, micro-batch %d" % (
+                ckpt, self.micro_batch)
+        return "ZeRO-%d, %s, %s, micro-batch %d" % (self.stage, off, ckpt, self.micro_batch)
 
 
 def estimate(model, job, cluster, cand, settings):
     """Memory of one candidate plan (bytes), broken down."""
     precision = cluster.precision
-    states = model_state_bytes(model, job, cluster.world_size, precision, cand.stage,
-                               cand.offload_optimizer, cand.offload_param)
-    acts = activation_bytes(model, job, precision, cand.micro_batch, cand.checkpointing)
-    bufs = buffer_bytes(model, job, precision, cand.stage, cand.offload_optimizer)
+    if cand.engine == "torch":
+        states = torch_state_bytes(model, job, precision)
+        bufs = {}
+    else:
+        states = model_state_bytes(model, job, cluster.world_size, precision, cand.stage,
+                                   cand.offload_optimizer, cand.offload_param)
+        bufs = buffer_bytes(model, job, precision, cand.stage, cand.offload_optimizer)
+    acts = activation_bytes(model, job, precision, cand.micro_batch, cand.checkpointing, cand.compiled,
+                            cand.checkpoint_layers)
     allocated = sum(states.values()) + acts["total"] + sum(bufs.values())
     reserved = allocated * (1.0 + settings["fragmentation"])
     host = host_bytes(model, job, cluster, cand.stage, cand.offload_optimizer, cand.offload_param, settings)
@@ -577,12 +677,19 @@ def estimate(model, job, cluster, cand, settings):
     }
 
 
-def relative_step_time(cand, job, cluster, settings):
+def relative_step_time(cand, job, cluster, settings, model=None):
     """Speed model: relative time of one optimizer step (same tokens for every candidate)."""
     tokens = cand.micro_batch * job.seq_len
     half = settings["micro_tokens_half_efficiency"]
+    if model is not None:
+        half = half * settings["micro_efficiency_hidden"] / float(model.hidden_size)
     efficiency = tokens / float(tokens + half)
-    t = (settings["checkpointing_cost"] if cand.checkpointing else 1.0) / efficiency
+    # Checkpointing recomputes the forward of the checkpointed layers only.
+    t = (1.0 + (settings["checkpointing_cost"] - 1.0) * cand.checkpoint_fraction()) / efficiency
+    if cand.engine == "torch":
+        return round(t * settings["compile_cost"], 4)
+    if cluster.world_size == 1:
+        t *= settings["deepspeed_single_gpu_cost"]
     comm = settings["zero_comm"][str(cand.stage)]
     if cand.stage >= 2:
         # Reduce-scatter (ZeRO-2) and parameter gathers (ZeRO-3) happen every micro-step: the
@@ -602,8 +709,8 @@ def relative_step_time(cand, job, cluster, settings):
 # Planning
 
 
-PLAN_OVERRIDE_KEYS = ("zero_stage", "offload_optimizer", "offload_param", "gradient_checkpointing",
-                      "micro_batch_size")
+PLAN_OVERRIDE_KEYS = ("engine", "zero_stage", "offload_optimizer", "offload_param", "gradient_checkpointing",
+                      "checkpoint_layers", "micro_batch_size")
 
 
 def _divisors(n):
@@ -624,13 +731,17 @@ def _as_bool(value):
     raise PlanError("cannot read %r as a yes/no (or cpu/none) value" % (value,))
 
 
-def candidates(job, cluster, overrides, settings):
+def candidates(job, cluster, overrides, settings, num_layers=None):
     per_rank = job.global_batch_size // cluster.world_size
     micro_options = [m for m in _divisors(per_rank) if m <= settings["max_micro_batch"]]
     offloads = [(False, False)]
     if cluster.device == "gpu":
         offloads += [(True, False), (True, True)]
     out = []
+    if cluster.device == "gpu" and cluster.world_size == 1:
+        for ckpt in (False, True):
+            for m in micro_options:
+                out.append(Candidate(0, False, False, ckpt, m, engine="torch", num_layers=num_layers))
     for stage in (0, 1, 2, 3):
         for off_opt, off_param in offloads:
             if off_param and stage != 3:
@@ -639,8 +750,18 @@ def candidates(job, cluster, overrides, settings):
                 continue  # ZeRO-2 offload keeps the same GPU states as ZeRO-1 offload, and is faster
             for ckpt in (False, True):
                 for m in micro_options:
-                    out.append(Candidate(stage, off_opt, off_param, ckpt, m))
+                    out.append(Candidate(stage, off_opt, off_param, ckpt, m, num_layers=num_layers))
     o = overrides or {}
+    if "engine" in o:
+        if o["engine"] not in ENGINES:
+            raise PlanError("plan override engine must be one of %s, got %r" % (", ".join(ENGINES), o["engine"]))
+        out = [c for c in out if c.engine == o["engine"]]
+    if "zero_stage" in o:
+        # a ZeRO stage means DeepSpeed
+        out = [c for c in out if c.engine == "deepspeed"]
+    if "checkpoint_layers" in o:
+        k = int(o["checkpoint_layers"])
+        out = [c.with_checkpoint_layers(k) for c in out if c.checkpointing == (k > 0)]
     if "zero_stage" in o:
         out = [c for c in out if c.stage == int(o["zero_stage"])]
     if "offload_optimizer" in o:
@@ -684,15 +805,36 @@ def _reason(est):
     return "; ".join(reasons)
 
 
+def _fewest_checkpointed_layers(model, job, cluster, cand, settings):
+    """The candidate with as few checkpointed layers as fit (all of them if even that does not)."""
+    def fits(k):
+        est = estimate(model, job, cluster, cand.with_checkpoint_layers(k), settings)
+        return est["fits_gpu"] and est["fits_host"]
+
+    L = model.num_layers
+    if L <= 1 or not fits(L):
+        return cand.with_checkpoint_layers(L)
+    lo, hi = 1, L  # memory falls as k grows: find the smallest k that fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return cand.with_checkpoint_layers(lo)
+
+
 def _search(model, job, cluster, overrides, settings):
-    cands = candidates(job, cluster, overrides, settings)
+    cands = candidates(job, cluster, overrides, settings, model.num_layers)
     scored = []
     for c in cands:
+        if c.checkpointing and c.checkpoint_layers is None:
+            c = _fewest_checkpointed_layers(model, job, cluster, c, settings)
         est = estimate(model, job, cluster, c, settings)
-        scored.append((relative_step_time(c, job, cluster, settings), c, est))
+        scored.append((relative_step_time(c, job, cluster, settings, model), c, est))
     # Fastest first; ties go to less partitioning, no offload, no checkpointing, bigger micro-batch.
-    scored.sort(key=lambda x: (x[0], x[1].stage, x[1].offload_optimizer, x[1].offload_param,
-                               x[1].checkpointing, -x[1].micro_batch))
+    scored.sort(key=lambda x: (x[0], x[1].engine != "torch", x[1].stage, x[1].offload_optimizer,
+                               x[1].offload_param, x[1].checkpointing, -x[1].micro_batch))
     return scored
 
 
@@ -816,7 +958,7 @@ def plan(model, cluster, job, overrides=None, settings=None):
     for t, c, est in scored:
         if c is best:
             break
-        key = (c.stage, c.offload_optimizer, c.offload_param, c.checkpointing)
+        key = (c.engine, c.stage, c.offload_optimizer, c.offload_param, c.checkpointing)
         if key not in by_key:
             order.append(key)
         if key not in by_key or c.micro_batch < by_key[key][1].micro_batch:
@@ -846,10 +988,14 @@ def plan(model, cluster, job, overrides=None, settings=None):
         "precision": cluster.precision,
         "seq_len": job.seq_len,
         "global_batch_size": job.global_batch_size,
+        "engine": best.engine,
+        "torch_compile": best.compiled,
         "zero_stage": best.stage,
         "offload_optimizer": best.offload_optimizer,
         "offload_param": best.offload_param,
         "gradient_checkpointing": best.checkpointing,
+        "checkpoint_layers": (best.checkpoint_layers if best.checkpoint_layers is not None else model.num_layers)
+        if best.checkpointing else 0,
         "micro_batch_size": best.micro_batch,
         "gradient_accumulation_steps": accum,
         "label": best.label(),
@@ -1042,7 +1188,8 @@ def validate_ds_config(cfg, world_size):
 
 
 def trainer_args(cfg, p):
-    """HF TrainingArguments matching ds_config.json (HF rejects mismatches)."""
+    """HF TrainingArguments matching ds_config.json (HF rejects mismatches). For the "torch" engine
+    the same values (the job runs without --deepspeed), plus fused AdamW and torch.compile."""
     opt = cfg.get("optimizer", {}).get("params", {})
     args = {
         "per_device_train_batch_size": int(cfg["train_micro_batch_size_per_gpu"]),
@@ -1061,6 +1208,13 @@ def trainer_args(cfg, p):
         args["adam_epsilon"] = opt["eps"]
     if "weight_decay" in opt:
         args["weight_decay"] = opt["weight_decay"]
+    if p.get("gradient_checkpointing") and p.get("checkpoint_layers") and \
+            p["checkpoint_layers"] < p["model"]["num_hidden_layers"]:
+        args["checkpoint_layers"] = int(p["checkpoint_layers"])
+    if p.get("engine") == "torch":
+        # Launched without --deepspeed: the training package's own fused AdamW and compiled layers.
+        args["optim"] = "adamw_torch_fused"
+        args["compile_regions"] = True
     return args
 
 

@@ -12,7 +12,7 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from ansible.module_utils.ds_planner import (Cluster, Job, ModelShape, PlanError, activation_bytes,
+from ansible.module_utils.ds_planner import (PACKAGE_ARGS, Cluster, Job, ModelShape, PlanError, activation_bytes,
                                              activation_bytes_per_layer_token, build_ds_config,
                                              model_state_bytes, plan, summary_lines, trainer_args)
 from ds_testlib import MODEL_NAMES, model_config
@@ -491,7 +491,8 @@ def test_hf_trainer_accepts_the_config(name, slots, gib, finetune, overrides, hf
 
     p, job, shape = _config(name, slots, gib, finetune, overrides)
     cfg = build_ds_config(p, job, shape)
-    args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to=[], **trainer_args(cfg, p))
+    targs = dict((k, v) for k, v in trainer_args(cfg, p).items() if k not in PACKAGE_ARGS)
+    args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to=[], **targs)
     hf = HfTrainerDeepSpeedConfig(copy.deepcopy(cfg))
     hf.trainer_config_process(WithWorldSize(args, p["world_size"]))
     assert hf.mismatches == []
