@@ -240,7 +240,8 @@ def run_ours(model_dir, wl, seq_len, steps, warmup, seed, work, plan, ds_cfg, ar
         package_mfu = json.load(f)["mfu"]
     return {"rc": 0, "wall_s": wall, "losses": [h["loss"] for h in hist], "tokens_per_s": tps,
             "peak_allocated_gib": max(h.get("memory_gb") or 0 for h in hist[1:] or hist),
-            "peak_reserved_gib": None, "package_mfu": package_mfu}
+            "peak_reserved_gib": max(h.get("memory_reserved_gb") or 0 for h in hist[1:] or hist) or None,
+            "package_mfu": package_mfu}
 
 
 def compare_losses(a, b, n=10):
@@ -338,11 +339,12 @@ def main():
             res[variant] = r
             with open(results_path, "a") as f:
                 f.write(json.dumps(r) + "\n")
-            print("[%s] %-10s rc=%s %.0fs %s tokens/s=%s mfu=%s peak=%s GiB losses[:5]=%s" % (
+            print("[%s] %-10s rc=%s %.0fs %s tokens/s=%s mfu=%s peak=%s GiB (reserved %s) losses[:5]=%s" % (
                 name, variant, r["rc"], time.time() - t0, r["layout"],
                 "%.0f" % r["tokens_per_s"] if r.get("tokens_per_s") else "-",
                 "%.3f" % r["mfu"] if r.get("mfu") else "-",
                 "%.1f" % r["peak_allocated_gib"] if r.get("peak_allocated_gib") else "-",
+                "%.1f" % r["peak_reserved_gib"] if r.get("peak_reserved_gib") else "-",
                 [round(x, 4) for x in r.get("losses", [])[:5]]), flush=True)
             if r["rc"] != 0:
                 print(r.get("error", ""), flush=True)

@@ -21,6 +21,17 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# pdsh and its dependencies for nodes of this machine's release (the lab's nodes): the pdsh role
+# copies them from this cache (its pdsh_controller_cache_dir), so no node ever needs a mirror
+# and the tests and benchmarks stay off the network. Cheap once done; delete the file to refresh.
+platform=$(. /etc/os-release && echo "$ID-$VERSION_CODENAME")-$(dpkg --print-architecture)
+PDSH_DEBS=${XDG_CACHE_HOME:-$HOME/.cache}/dsmesh/debs/$platform/pdsh.tar
+if [[ ! -f $PDSH_DEBS ]]; then
+  echo "setup: downloading pdsh's packages for the nodes into $PDSH_DEBS"
+  bash roles/pdsh/files/fetch-debs.sh "$PDSH_DEBS" pdsh >/dev/null ||
+    echo "setup: could not download pdsh's packages; site.yml tries again when a node lacks pdsh" >&2
+fi
+
 # The venv uses Debian's python3 (not a pyenv build) so that the lab's Debian nodes can run
 # the very same environment when it is mounted into them at the same path.
 VENV=$ROOT/.venv

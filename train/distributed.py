@@ -22,6 +22,9 @@ def prepare_environment(use_deepspeed):
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Growable segments instead of fixed blocks: almost no fragmentation, so a plan that uses most of
+    # the GPU does not fail on a block that cannot be split (read at the first CUDA allocation).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

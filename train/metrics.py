@@ -40,6 +40,11 @@ def peak_flops_per_device(args, override_tflops=None):
     return None
 
 
+def memory_reserved_gb():
+    """Peak CUDA memory reserved by the caching allocator since the last memory_gb() call."""
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+
+
 def memory_gb():
     """Rank 0's memory: peak CUDA memory allocated since the last call, or the process RSS on CPU."""
     if torch.cuda.is_available():
@@ -85,8 +90,9 @@ class Meter:
         mfu = None
         if self.peak_flops:
             mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size)
+        reserved = memory_reserved_gb()  # (read first: memory_gb() resets the peaks)
         return {"interval_tokens": int(tokens), "interval_s": seconds, "tokens_per_s": tokens_per_s,
-                "mfu": mfu, "memory_gb": memory_gb()}
+                "mfu": mfu, "memory_gb": memory_gb(), "memory_reserved_gb": reserved}
 
 
 def _fmt_time(seconds):

@@ -32,8 +32,10 @@ ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 DEFAULT_SETTINGS = {
     # GPU memory outside PyTorch's allocator: CUDA context, NCCL buffers, cuBLAS workspaces.
     "gpu_reserved_gib": 1.5,
-    # Caching-allocator fragmentation: reserved = allocated * (1 + fragmentation).
-    "fragmentation": 0.05,
+    # Caching-allocator fragmentation: reserved = allocated * (1 + fragmentation). The training
+    # package runs with expandable segments (PYTORCH_CUDA_ALLOC_CONF), which keep it small: on the
+    # H100, 0.2 GiB reserved beyond 77.6 GiB allocated. (Fixed blocks measured up to 5%.)
+    "fragmentation": 0.02,
     # Never plan to the last byte: fraction of the GPU kept free.
     "gpu_headroom": 0.03,
     # Host: OS, page cache floor, daemons (per node; default min(16 GiB, 10% of RAM)) and each
@@ -445,8 +447,9 @@ def activation_bytes_per_layer_token(model, job, precision, compiled=False):
 
 
 def _compiled_layer_bytes_per_token(model, job, w):
-    """Per-token bytes of one compiled decoder layer. Fitted to the H100 runs of the Qwen2.5-1.5B
-    shape (docs/gpu-benchmarks.md: 35.5 / 56.6 GiB at micro-batch 4 / 8, no checkpointing)."""
+    """Per-token bytes of one compiled decoder layer, checked against the H100 runs in
+    docs/gpu-benchmarks.md (Qwen2.5-1.5B full at micro-batch 8: 5% over the measured peak;
+    the 32B LoRA shape: 1.29 GiB predicted per layer left unchecked at micro-batch 2, 1.22 measured)."""
     h, i, qd, kd = model.hidden_size, model.intermediate_size, model.q_dim, model.kv_dim
     # Each norm's input (the residual stream) and its rsqrt; the normalised tensor is recomputed.
     norms = 2 * (w * h + 4)
@@ -454,8 +457,12 @@ def _compiled_layer_bytes_per_token(model, job, w):
     attn = w * (2 * qd + 2 * kd) + 4 * model.num_heads
     # gate and up outputs; SiLU and the product feeding down_proj are recomputed.
     mlp = 2 * w * i
-    adapters = 0
-    if job.finetune == "lora":
+    adapters = linear_inputs = 0
+    if job.finetune == "full":
+        # trainable linears' inputs for their weight gradients: the two normalised tensors and the
+        # product feeding down_proj are kept rather than recomputed
+        linear_inputs = w * (2 * h + i)
+    else:
         targets = set(job.lora_targets)
         adapters = len(targets) * w * job.lora_rank
         if job.lora_dropout > 0:
@@ -463,7 +470,7 @@ def _compiled_layer_bytes_per_token(model, job, w):
             # dropped-out input
             inputs = dict((name, fin) for name, fin, _, _ in model.linear_shapes())
             adapters += sum((w + 1) * inputs[t] for t in targets)
-    return {"norms": norms, "attention": attn, "mlp": mlp, "linear_inputs": 0, "adapters": adapters}
+    return {"norms": norms, "attention": attn, "mlp": mlp, "linear_inputs": linear_inputs, "adapters": adapters}
 
 
 def backward_transient_per_token(model, job, precision):
@@ -488,9 +495,9 @@ def activation_bytes(model, job, precision, micro_batch, checkpointing, compiled
     # the logits to fp32; at the start of backward the fp32 log-softmax output, its gradient and
     # the gradient of the upcast are alive together: 12 bytes per vocabulary entry per token.
     final_norm = 4 * h + 4 + (2 * w * h if job.finetune == "full" else 0)
-    # Compiled, the loss fuses the upcast: 10 bytes per entry, fitted with the layers' terms to the
-    # H100 runs (see _compiled_layer_bytes_per_token).
-    logits = (10 if compiled else 12) * V
+    # Compiled, the loss fuses the upcast: the 16-bit logits, their gradient and an fp32 chunk,
+    # 6 bytes per entry (the 32B LoRA shape at micro-batch 2: 69.1 GiB predicted, 69.2 measured).
+    logits = (6 if compiled else 12) * V
     labels = 16
     transient = backward_transient_per_token(model, job, precision)
     # cos/sin of the rotary embedding: per position, shared by the batch and all layers.
