@@ -125,6 +125,7 @@ def train(pre, rank, local_rank, world_size, say, state):
         say(note)
     state["owns_output_dir"] = True
 
+    modeling.prefer_sdpa_backend(model_args.sdpa_backend)
     model = modeling.build_model(model_args, lora_args, training_args, tokenizer)
     total_params, trainable_params = modeling.count_parameters(model)
     if model_args.compile_regions:

@@ -143,6 +143,7 @@ class ProgressPrinter(TrainerCallback):
                 "tokens_per_s": logs["tokens_per_s"],
                 "mfu": logs["mfu"],
                 "memory_gb": logs["memory_gb"],
+                "memory_reserved_gb": logs.get("memory_reserved_gb"),
                 "elapsed_s": elapsed,
                 "eta_s": eta,
                 "time": now,
