@@ -118,3 +118,14 @@ def test_package_defaults_and_explicit_names():
 def test_argument_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
         preparse(argv)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--compile_regions", "true", "--torch_compile", "true"], "choose one"),
+    (["--checkpoint_layers", "4"], "needs --gradient_checkpointing true"),
+    (["--checkpoint_layers", "0", "--gradient_checkpointing", "true"], "at least 1"),
+    (["--sdpa_backend", "fast"], "must be auto, default, cudnn or flash"),
+])
+def test_speed_option_errors(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        build(BASE + extra)

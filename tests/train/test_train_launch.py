@@ -215,7 +215,7 @@ def test_killed_mid_save_then_restarted_matches_the_uninterrupted_run(crashed_an
 def run_cli(args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)
 
 
 def test_restart_with_other_settings_is_refused(zero2, tiny_dir):
@@ -234,3 +234,21 @@ def test_malformed_data_stops_with_file_and_line(tiny_dir, tmp_path):
     assert proc.returncode == 2
     assert f"error: {bad}:2: 'completion' must be a string, got int" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_one_gpu_plan_path_compiled_layers_and_partial_checkpointing(tiny_dir, tmp_path):
+    """What the planner's torch engine runs (no DeepSpeed, fused AdamW, compiled layers, some layers
+    checkpointed), on the CPU: the same losses as the plain eager run."""
+    common = ["--model_name_or_path", str(tiny_dir), "--dataset", str(tiny_dir / "data" / "train.jsonl"),
+              "--max_seq_length", "128", "--max_steps", "4", "--logging_steps", "1", "--save_strategy", "no",
+              "--save_final_model", "false", "--seed", "1", "--lora", "--lora_dropout", "0",
+              "--per_device_train_batch_size", "4", "--optim", "adamw_torch_fused"]
+    eager = ok(run_cli(common + ["--output_dir", str(tmp_path / "eager")]))
+    compiled = ok(run_cli(common + ["--output_dir", str(tmp_path / "compiled"), "--compile_regions", "true",
+                                    "--gradient_checkpointing", "true", "--checkpoint_layers", "1"]))
+    assert "compiled" in compiled.stdout + compiled.stderr
+    assert "gradient checkpointing on 1 decoder layer(s)" in compiled.stdout + compiled.stderr
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-3 * abs(a[step]), (a, b)

@@ -519,3 +519,47 @@ def test_hf_training_arguments_take_the_config(tmp_path, hf_args_cleanup):
     args.hf_deepspeed_config.trainer_config_finalize(args, model, num_training_steps=10)
     assert args.hf_deepspeed_config.config["train_batch_size"] == 4
     assert args.hf_deepspeed_config.mismatches == []
+
+
+# ---------------------------------------------------------------------------------------------
+# One GPU: the plain PyTorch engine, partial checkpointing
+
+
+def test_one_gpu_gets_the_torch_engine_and_its_arguments():
+    shape = ModelShape.from_config(model_config("Qwen2.5-1.5B"))
+    job = Job(seq_len=2048, global_batch_size=8)
+    p = plan(shape, Cluster([1], gpu_memory_gib=80, host_memory_gib=128), job)
+    assert p["engine"] == "torch" and p["torch_compile"] and not p["gradient_checkpointing"]
+    # the H100 run (docs/gpu-benchmarks.md): micro-batch 8 measured 54.1 GiB; predictions stay above
+    assert p["micro_batch_size"] == 8 and 54.1 <= p["predicted_peak_allocated_gib"] <= 54.1 * 1.15
+    args = trainer_args(build_ds_config(p, job, shape), p)
+    assert args["optim"] == "adamw_torch_fused" and args["compile_regions"] is True
+    # DeepSpeed stays available, and several GPUs never get the torch engine
+    ds = plan(shape, Cluster([1], gpu_memory_gib=80, host_memory_gib=128), job, overrides={"engine": "deepspeed"})
+    assert ds["engine"] == "deepspeed" and ds["relative_step_time"] > p["relative_step_time"]
+    assert "optim" not in trainer_args(build_ds_config(ds, job, shape), ds)
+    multi = plan(shape, Cluster([8], gpu_memory_gib=80, host_memory_gib=512), Job(seq_len=2048, global_batch_size=64))
+    assert multi["engine"] == "deepspeed"
+    with pytest.raises(PlanError, match="engine must be one of"):
+        plan(shape, Cluster([1], gpu_memory_gib=80, host_memory_gib=128), job, overrides={"engine": "fsdp"})
+
+
+def test_partial_checkpointing_keeps_as_many_layers_as_fit():
+    shape = ModelShape.from_config(model_config("DeepSeek-R1-Distill-Qwen-32B"))
+    job = Job(seq_len=2048, global_batch_size=4, finetune="lora")
+    cluster = Cluster([1], gpu_memory_gib=79.65, host_memory_gib=128)
+    p = plan(shape, cluster, job)
+    # the H100 run: 60 of 64 layers checkpointed at micro-batch 2, 74.0 GiB predicted, 74.1 measured
+    assert p["engine"] == "torch" and p["gradient_checkpointing"] and p["micro_batch_size"] == 2
+    assert 0 < p["checkpoint_layers"] < 64 and "of 64 layers" in p["label"]
+    assert abs(p["predicted_peak_allocated_gib"] - 74.1) / 74.1 < 0.05
+    assert trainer_args(build_ds_config(p, job, shape), p)["checkpoint_layers"] == p["checkpoint_layers"]
+    # one more unchecked layer would not fit: the choice is the fewest checkpointed layers
+    tighter = plan(shape, cluster, job, overrides={"micro_batch_size": 2, "checkpoint_layers": p["checkpoint_layers"]})
+    assert tighter["predicted_peak_allocated_gib"] == p["predicted_peak_allocated_gib"]
+    with pytest.raises(PlanError, match="does not fit"):
+        plan(shape, cluster, job, overrides={"micro_batch_size": 2, "checkpoint_layers": p["checkpoint_layers"] - 1})
+    # fewer checkpointed layers, less recomputation: faster under the speed model
+    full = plan(shape, cluster, job, overrides={"micro_batch_size": 2, "checkpoint_layers": 64})
+    assert full["relative_step_time"] > p["relative_step_time"]
+    assert "checkpoint_layers" not in trainer_args(build_ds_config(full, job, shape), full)
