@@ -80,6 +80,9 @@ class RunArguments:
         "help": "Write the final model (benchmarks may skip the gather and write)."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak TFLOPS per device for MFU (default: known GPUs' dense bf16/fp16 peak; none on CPU)."})
+    profile_steps: str | None = field(default=None, metadata={
+        "help": "Profile optimizer steps A-B (e.g. 5-6) with torch.profiler: the top GPU kernels go to the log "
+                "and <output_dir>/profile.txt (throughput work)."})
     fsync_checkpoints: bool = field(default=True, metadata={
         "help": "Flush checkpoints to disk before marking them complete."})
 
@@ -340,7 +343,17 @@ def parse(pre, world_size, configured_state):
     if ds_config is not None:
         check_ds_mismatches(training_args, ds_source)
     check_speed_options(model_args, training_args, ds_config)
+    if run_args.profile_steps is not None:
+        check_profile_steps(run_args.profile_steps)
     return model_args, data_args, lora_args, run_args, training_args, info
+
+
+def check_profile_steps(spec):
+    import re
+
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?", spec or "")
+    if not m or int(m.group(1)) < 1 or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+        raise ConfigError(f"--profile_steps must be A or A-B with 1 <= A <= B (optimizer steps), got {spec!r}")
 
 
 def check_speed_options(model_args, training_args, ds_config):

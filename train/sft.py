@@ -85,7 +85,8 @@ def train(pre, rank, local_rank, world_size, say, state):
 
     from train import args as args_mod
     from train import checkpoints, data, metrics, modeling
-    from train.trainer import CheckpointCallback, CheckpointLayersCallback, ProgressPrinter, SFTTrainer
+    from train.trainer import (CheckpointCallback, CheckpointLayersCallback, ProfileCallback, ProgressPrinter,
+                               SFTTrainer)
 
     use_deepspeed = pre["raw"].deepspeed is not None
     configured_state = not torch.cuda.is_available() and (use_deepspeed or world_size > 1)
@@ -173,6 +174,8 @@ def train(pre, rank, local_rank, world_size, say, state):
     trainer.add_callback(CheckpointCallback(meter, keep=info["save_total_limit"], fsync=run_args.fsync_checkpoints))
     if model_args.checkpoint_layers is not None:
         trainer.add_callback(CheckpointLayersCallback(model_args.checkpoint_layers))
+    if run_args.profile_steps:
+        trainer.add_callback(ProfileCallback(run_args.profile_steps, output_dir))
     if writer is not None:
         trainer.add_callback(ProgressPrinter(writer))
 

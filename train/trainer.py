@@ -62,6 +62,41 @@ class CheckpointLayersCallback(TrainerCallback):
             console()(f"gradient checkpointing on {kept} decoder layer(s), the others keep their activations")
 
 
+class ProfileCallback(TrainerCallback):
+    """--profile_steps A-B: torch.profiler over optimizer steps A..B on rank 0; the kernels that
+    took the most device time go to the log and <output_dir>/profile.txt."""
+
+    def __init__(self, spec, output_dir):
+        first, _, last = spec.partition("-")
+        self.first, self.last = int(first), int(last or first)
+        self.output_dir = output_dir
+        self.prof = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if args.process_index == 0 and state.global_step + 1 == self.first and self.prof is None:
+            import torch
+
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None and state.global_step >= self.last:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            table = self.prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
+            with open(os.path.join(self.output_dir, "profile.txt"), "w") as f:
+                f.write(table)
+            console()(f"profile of steps {self.first}-{self.last}:\n{table}")
+            self.prof = None
+
+
 class CheckpointCallback(TrainerCallback):
     """Marks a checkpoint complete once every rank has written it; rotates old ones after that."""
 

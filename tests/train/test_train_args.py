@@ -125,6 +125,7 @@ def test_argument_errors(argv, message):
     (["--checkpoint_layers", "4"], "needs --gradient_checkpointing true"),
     (["--checkpoint_layers", "0", "--gradient_checkpointing", "true"], "at least 1"),
     (["--sdpa_backend", "fast"], "must be auto, default, cudnn or flash"),
+    (["--profile_steps", "5-3"], "must be A or A-B"),
 ])
 def test_speed_option_errors(extra, message):
     with pytest.raises(ConfigError, match=message):
