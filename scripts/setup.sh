@@ -23,10 +23,10 @@ fi
 
 # pdsh and its dependencies for nodes of this machine's release (the lab's nodes): the pdsh role
 # copies them from this cache (its pdsh_controller_cache_dir), so no node ever needs a mirror
-# and the tests and benchmarks stay off the network. Cheap once done; delete the file to refresh.
+# and the tests and benchmarks stay off the network. Cheap once done; delete the folder to refresh.
 platform=$(. /etc/os-release && echo "$ID-$VERSION_CODENAME")-$(dpkg --print-architecture)
-PDSH_DEBS=${XDG_CACHE_HOME:-$HOME/.cache}/dsmesh/debs/$platform/pdsh.tar
-if [[ ! -f $PDSH_DEBS ]]; then
+PDSH_DEBS=${XDG_CACHE_HOME:-$HOME/.cache}/dsmesh/debs/$platform/pdsh
+if [[ ! -f $PDSH_DEBS/Packages ]]; then
   echo "setup: downloading pdsh's packages for the nodes into $PDSH_DEBS"
   bash roles/pdsh/files/fetch-debs.sh "$PDSH_DEBS" pdsh >/dev/null ||
     echo "setup: could not download pdsh's packages; site.yml tries again when a node lacks pdsh" >&2

@@ -1,35 +1,36 @@
 #!/usr/bin/env bash
 # Runs on the controller. Downloads PACKAGE... with everything they depend on (Depends and
 # Pre-Depends, no Recommends), as this machine's apt resolves them for a system with nothing
-# installed, so the set holds whatever a node of the same release might lack. Writes them as a
-# flat apt repository (the .deb files and a Packages index made of apt's own records for exactly
-# these versions, hashes included) packed in one tar file, TAR, for copying to the nodes; they
-# install from it with apt, offline, taking only what they lack.
+# installed, so the set holds whatever a node of the same release might lack. Writes them into
+# DIR as a flat apt repository: the .deb files and a Packages index made of apt's own records for
+# exactly these versions, hashes included. The nodes are sent the files they lack and install
+# from them with apt, offline.
 #
-#   fetch-debs.sh TAR PACKAGE...
+#   fetch-debs.sh DIR PACKAGE...
 #
-# Needs network (this machine's apt sources) once; TAR is written only when complete.
+# Needs network (this machine's apt sources); DIR appears only when complete (an old one is
+# replaced).
 # Exit status 3: this machine cannot provide the packages (no apt, or they are unknown to it).
 set -euo pipefail
 if (($# < 2)); then
-  echo "usage: $0 TAR PACKAGE..." >&2
+  echo "usage: $0 DIR PACKAGE..." >&2
   exit 2
 fi
-tar_path=$1
+repo=${1%/}
 shift
 hint="Set pdsh_install_from: apt to install from the nodes' own apt sources instead."
 
-for tool in apt-get apt-cache dpkg tar; do
+for tool in apt-get apt-cache dpkg; do
   if ! command -v "$tool" >/dev/null; then
     echo "fetch-debs: the controller has no $tool, so it cannot provide .deb files. $hint" >&2
     exit 3
   fi
 done
 
-mkdir -p "$(dirname "$tar_path")"
-work=$(mktemp -d "$(dirname "$tar_path")/.fetch.XXXXXX")
+mkdir -p "$(dirname "$repo")"
+work=$(mktemp -d "$(dirname "$repo")/.fetch.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-mkdir "$work/repo"
+mkdir -m 0755 "$work/repo"
 
 # Every package the install would bring onto an empty system, with its version.
 if ! apt-get -s -q --no-install-recommends -o Dir::State::status=/dev/null install "$@" >"$work/plan" 2>&1; then
@@ -78,6 +79,6 @@ if [[ $(grep -c '^Package: ' "$work/repo/Packages") != "${#wanted[@]}" ]]; then
   exit 1
 fi
 
-tar -cf "$work/bundle.tar" -C "$work/repo" .
-mv "$work/bundle.tar" "$tar_path"
-echo "fetch-debs: $tar_path: ${#wanted[@]} packages for $*"
+rm -rf "$repo"
+mv "$work/repo" "$repo"
+echo "fetch-debs: $repo: ${#wanted[@]} packages for $*"

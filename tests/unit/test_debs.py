@@ -1,0 +1,67 @@
+"""The pdsh role's controller-side packages: which .deb files a node is sent (plugins/filter/debs.py),
+and the download script's answer on a controller without apt."""
+import subprocess
+from pathlib import Path
+
+from debs import deb_records, debs_to_send, installed_versions
+
+INDEX = """Package: pdsh
+Version: 2.34-0.2
+Architecture: amd64
+Depends: libc6 (>= 2.34), perl, rsh-client
+Description: Efficient rsh-like utility
+ a continuation line: with a colon
+Filename: ./pdsh_2.34-0.2_amd64.deb
+
+Package: perl-base
+Version: 5.36.0-7+deb12u4
+Architecture: amd64
+Filename: ./perl-base_5.36.0-7+deb12u4_amd64.deb
+
+Package: libaudit1
+Version: 1:3.0.9-1
+Architecture: amd64
+Filename: ./libaudit1_3.0.9-1_amd64.deb
+
+Package: libc6
+Version: 2.36-9+deb12u14
+Architecture: amd64
+Filename: ./libc6_2.36-9+deb12u14_amd64.deb
+"""
+
+
+def test_records_keep_first_lines_and_skip_continuations():
+    records = deb_records(INDEX)
+    assert [r["Package"] for r in records] == ["pdsh", "perl-base", "libaudit1", "libc6"]
+    assert records[0]["Depends"] == "libc6 (>= 2.34), perl, rsh-client"
+    assert "a continuation line" not in records[0]
+    assert records[2]["Version"] == "1:3.0.9-1"
+
+
+def test_installed_versions_count_only_installed_packages():
+    lines = ["installed libc6 2.36-9+deb12u14", "config-files pdsh 2.34-0.2", "installed libaudit1:amd64 1:3.0.9-1",
+             "not-installed perl", "garbage"]
+    assert installed_versions(lines) == {"libc6": "2.36-9+deb12u14", "libaudit1": "1:3.0.9-1"}
+
+
+def test_a_node_is_sent_what_it_lacks_or_has_at_another_version():
+    # perl-base at another version must come along (perl needs its own version of it); libc6 and
+    # libaudit1 at the index's version stay home.
+    lines = ["installed libc6 2.36-9+deb12u14", "installed libaudit1 1:3.0.9-1", "installed perl-base 5.36.0-7+deb12u3"]
+    assert debs_to_send(INDEX, lines) == ["pdsh_2.34-0.2_amd64.deb", "perl-base_5.36.0-7+deb12u4_amd64.deb"]
+
+
+def test_a_bare_node_is_sent_everything():
+    assert debs_to_send(INDEX, []) == sorted(["pdsh_2.34-0.2_amd64.deb", "perl-base_5.36.0-7+deb12u4_amd64.deb",
+                                              "libaudit1_3.0.9-1_amd64.deb", "libc6_2.36-9+deb12u14_amd64.deb"])
+
+
+def test_fetch_script_without_apt_says_which_variable_to_set(tmp_path):
+    # A controller without apt (an empty PATH here): no network is touched, nothing is written.
+    script = Path(__file__).resolve().parents[2] / "roles" / "pdsh" / "files" / "fetch-debs.sh"
+    (tmp_path / "bin").mkdir()
+    proc = subprocess.run(["/bin/bash", str(script), str(tmp_path / "repo"), "pdsh"], capture_output=True, text=True,
+                          env={"PATH": str(tmp_path / "bin")})
+    assert proc.returncode == 3, proc.stderr
+    assert "the controller has no apt-get" in proc.stderr and "pdsh_install_from: apt" in proc.stderr
+    assert not (tmp_path / "repo").exists()
