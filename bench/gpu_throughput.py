@@ -91,18 +91,19 @@ def flops_per_token(cfg, seq_len, lora_r=None):
 
 
 def gpu_facts():
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, check=True).stdout.strip().splitlines()[0]
-    name, mib = [x.strip() for x in out.split(",")]
-    return name, float(mib) / 1024.0
+    import ds_gpu
+
+    out = subprocess.run(["nvidia-smi", "--query-gpu=" + ds_gpu.NVIDIA_SMI_FIELDS_OLD, "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    gpu = ds_gpu.parse_nvidia_smi(out)[0]
+    return gpu["name"], gpu["memory_mib"] / 1024.0
 
 
 def host_memory_gib():
+    import ds_gpu
+
     with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024.0 / 1024.0
-    return 64.0
+        return ds_gpu.parse_meminfo(f.read())
 
 
 def make_plan(model_dir, wl, seq_len, overrides=None):

@@ -28,7 +28,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "plugins", "module_utils"))
 
-import ds_planner  # noqa: E402  (plain module, no Ansible)
+import ds_gpu  # noqa: E402  (plain modules, no Ansible)
+import ds_planner  # noqa: E402
 
 TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024, "tie_word_embeddings": False,
@@ -64,10 +65,7 @@ def free_port():
 
 def host_memory_gib():
     with open("/proc/meminfo") as fd:
-        for line in fd:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024.0 / 1024.0
-    return 64.0
+        return ds_gpu.parse_meminfo(fd.read())
 
 
 def main():
