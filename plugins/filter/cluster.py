@@ -58,7 +58,36 @@ def cli_flags(mapping):
     return flags
 
 
+def key_login_targets(nodes, addresses, hub=None, mode="ring"):
+    """Which addresses each node logs in to when key login is verified: {node: [address, ...]}.
+
+    nodes and addresses are parallel lists (inventory order). ``full``: every node to every
+    address, N x N logins. ``ring``: each node to the next node's address (the last to the first)
+    and the hub (the master) to every address, 2N logins: every node's key and client are used
+    once, every node's sshd accepts a node's key at least twice, and the hub's logins are the ones
+    pdsh and DeepSpeed's runner make. The keys and host keys written are the same on every node,
+    so the ring proves what the N x N check would, at a cost that grows with N, not with N x N.
+    """
+    nodes, addresses = list(nodes), [str(a) for a in addresses]
+    if len(nodes) != len(addresses):
+        raise ValueError(f"key_login_targets: {len(nodes)} nodes but {len(addresses)} addresses")
+    if mode not in ("ring", "full"):
+        raise ValueError(f"key_login_targets: mode must be 'ring' or 'full', got {mode!r}")
+    everyone = list(dict.fromkeys(addresses))
+    if not nodes:
+        return {}
+    if hub not in nodes:
+        hub = nodes[0]
+    plan = {}
+    for i, node in enumerate(nodes):
+        if mode == "full" or node == hub:
+            plan[node] = everyone
+        else:
+            plan[node] = [addresses[(i + 1) % len(nodes)]]
+    return plan
+
+
 class FilterModule:
     def filters(self):
         return {"cluster_address": cluster_address, "cluster_node": cluster_node, "hostfile_node": hostfile_node,
-                "cluster_address_of": cluster_address_of, "cli_flags": cli_flags}
+                "cluster_address_of": cluster_address_of, "cli_flags": cli_flags, "key_login_targets": key_login_targets}

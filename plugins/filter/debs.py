@@ -15,33 +15,33 @@ def deb_records(index):
     return records
 
 
-def installed_versions(lines):
-    """{package: version} from dpkg-query lines "installed PACKAGE VERSION" (other states ignored;
-    a multi-arch "PACKAGE:ARCH" counts as PACKAGE)."""
-    versions = {}
-    for line in lines or []:
-        parts = str(line).split()
-        if len(parts) == 3 and parts[0] == "installed":
-            versions[parts[1].split(":")[0]] = parts[2]
-    return versions
+def deb_files(index, planned_lines):
+    """Files of a flat repository's index for the packages apt planned to install.
 
+    planned_lines are "NAME VERSION" lines (what `apt-get install --simulate` printed as
+    "Inst NAME [OLD] (VERSION ...)" on the node, against this very index). A planned package that
+    the index lacks means the plan and the index disagree: that is an error, not a smaller install.
 
-def debs_to_send(index, installed_lines):
-    """Files of a flat repository's index that a node needs to be sent: every package it does not
-    have at the index's version. apt on the node then takes from them what an install needs (a
-    package held at another version is upgraded only where a dependency demands it), so sending
-    a file the install turns out not to need is harmless, and leaving one out could make it fail.
-
-    ``index | debs_to_send(installed_lines)`` -> sorted file names, relative to the repository.
+    ``index | deb_files(planned_lines)`` -> sorted file names, relative to the repository.
     """
-    have = installed_versions(installed_lines)
-    files = set()
+    files = {}
     for record in deb_records(index):
-        if have.get(record["Package"]) != record.get("Version"):
-            files.add(record["Filename"][2:] if record["Filename"].startswith("./") else record["Filename"])
-    return sorted(files)
+        name = record["Filename"]
+        files[(record["Package"], record.get("Version"))] = name[2:] if name.startswith("./") else name
+    chosen = set()
+    for line in planned_lines or []:
+        parts = str(line).split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise ValueError(f"deb_files: expected 'NAME VERSION', got {line!r}")
+        name, version = parts[0].split(":")[0], parts[1]
+        if (name, version) not in files:
+            raise ValueError(f"deb_files: apt planned {name} {version}, which the controller's index does not hold")
+        chosen.add(files[(name, version)])
+    return sorted(chosen)
 
 
 class FilterModule:
     def filters(self):
-        return {"debs_to_send": debs_to_send}
+        return {"deb_files": deb_files}

@@ -1,6 +1,6 @@
 import pytest
 
-from cluster import cluster_address, cluster_node
+from cluster import cluster_address, cluster_node, key_login_targets
 from cluster_inventory import inventory_errors
 
 
@@ -57,3 +57,33 @@ def test_cluster_address_falls_back_to_ansible_host_then_name():
     assert cluster_address({"inventory_hostname": "n"}) == "n"
     assert cluster_node({"inventory_hostname": "n", "gpus": 2}) == {
         "name": "n", "ansible_host": None, "cluster_address": "n", "gpus": 2}
+
+
+NODES = [f"n{i}" for i in range(1, 6)]
+ADDRESSES = [f"10.0.0.{i}" for i in range(1, 6)]
+
+
+def test_ring_login_plan_is_linear_and_covers_every_node_both_ways():
+    plan = key_login_targets(NODES, ADDRESSES, hub="n3")
+    assert plan["n3"] == ADDRESSES  # the master reaches everyone, as pdsh and DeepSpeed's runner do
+    assert plan["n1"] == ["10.0.0.2"] and plan["n5"] == ["10.0.0.1"]  # the ring wraps around
+    assert sum(len(targets) for targets in plan.values()) == 2 * len(NODES) - 1
+    # every node logs in somewhere, and every node's sshd is logged in to by some other node
+    assert all(plan[node] for node in NODES)
+    reached_from_others = {a for node, targets in plan.items() for a in targets if a != ADDRESSES[NODES.index(node)]}
+    assert reached_from_others == set(ADDRESSES)
+
+
+def test_full_login_plan_is_every_pair():
+    plan = key_login_targets(NODES, ADDRESSES, hub="n1", mode="full")
+    assert all(plan[node] == ADDRESSES for node in NODES)
+
+
+def test_login_plan_edge_cases():
+    assert key_login_targets([], []) == {}
+    assert key_login_targets(["a"], ["1.1.1.1"]) == {"a": ["1.1.1.1"]}
+    assert key_login_targets(["a", "b"], ["1", "2"], hub="nobody") == {"a": ["1", "2"], "b": ["1"]}
+    with pytest.raises(ValueError, match="mode must be"):
+        key_login_targets(["a"], ["1"], mode="star")
+    with pytest.raises(ValueError, match="2 nodes but 1 addresses"):
+        key_login_targets(["a", "b"], ["1"])

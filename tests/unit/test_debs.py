@@ -3,7 +3,9 @@ and the download script's answer on a controller without apt."""
 import subprocess
 from pathlib import Path
 
-from debs import deb_records, debs_to_send, installed_versions
+import pytest
+
+from debs import deb_files, deb_records
 
 INDEX = """Package: pdsh
 Version: 2.34-0.2
@@ -38,22 +40,22 @@ def test_records_keep_first_lines_and_skip_continuations():
     assert records[2]["Version"] == "1:3.0.9-1"
 
 
-def test_installed_versions_count_only_installed_packages():
-    lines = ["installed libc6 2.36-9+deb12u14", "config-files pdsh 2.34-0.2", "installed libaudit1:amd64 1:3.0.9-1",
-             "not-installed perl", "garbage"]
-    assert installed_versions(lines) == {"libc6": "2.36-9+deb12u14", "libaudit1": "1:3.0.9-1"}
+def test_a_node_is_sent_the_files_of_apts_plan():
+    # what `apt-get install --simulate pdsh` planned on a node with libc6 but an older perl-base;
+    # multi-arch names count as the package
+    planned = ["pdsh 2.34-0.2", "perl-base:amd64 5.36.0-7+deb12u4", ""]
+    assert deb_files(INDEX, planned) == ["pdsh_2.34-0.2_amd64.deb", "perl-base_5.36.0-7+deb12u4_amd64.deb"]
 
 
-def test_a_node_is_sent_what_it_lacks_or_has_at_another_version():
-    # perl-base at another version must come along (perl needs its own version of it); libc6 and
-    # libaudit1 at the index's version stay home.
-    lines = ["installed libc6 2.36-9+deb12u14", "installed libaudit1 1:3.0.9-1", "installed perl-base 5.36.0-7+deb12u3"]
-    assert debs_to_send(INDEX, lines) == ["pdsh_2.34-0.2_amd64.deb", "perl-base_5.36.0-7+deb12u4_amd64.deb"]
+def test_a_node_that_has_everything_is_sent_nothing():
+    assert deb_files(INDEX, []) == []
 
 
-def test_a_bare_node_is_sent_everything():
-    assert debs_to_send(INDEX, []) == sorted(["pdsh_2.34-0.2_amd64.deb", "perl-base_5.36.0-7+deb12u4_amd64.deb",
-                                              "libaudit1_3.0.9-1_amd64.deb", "libc6_2.36-9+deb12u14_amd64.deb"])
+def test_a_plan_the_index_cannot_serve_is_an_error():
+    with pytest.raises(ValueError, match="apt planned perl-base 5.36.0-7\\+deb12u9, which the controller's index does not hold"):
+        deb_files(INDEX, ["perl-base 5.36.0-7+deb12u9"])
+    with pytest.raises(ValueError, match="expected 'NAME VERSION'"):
+        deb_files(INDEX, ["Inst pdsh (2.34-0.2 [amd64])"])
 
 
 def test_fetch_script_without_apt_says_which_variable_to_set(tmp_path):
