@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 export PATH=$ROOT/.venv/bin:$PATH ANSIBLE_CONFIG=$ROOT/ansible.cfg ANSIBLE_NOCOLOR=1
 export LAB_PREFIX=dsbench
+source scripts/podman-env.sh
 INVENTORY=inventory/lab/dsbench.yml
 read -ra NODES <<<"${BENCH_NODES:-2 4 8}"
 for n in "${NODES[@]}"; do
@@ -28,6 +29,17 @@ log() { printf 'bench: %s\n' "$*" >&2; }
 calc() { awk "BEGIN { printf \"$1\", $2 }"; }   # calc FORMAT EXPRESSION
 teardown() { bash scripts/lab.sh down >/dev/null 2>&1 || true; }
 trap teardown EXIT
+
+# The timed run starts on booted, quiet nodes: every node's systemd done starting, and the
+# containers' freshly written layers flushed to disk (their writeback would otherwise land in the
+# first seconds of the run, and more of it the more nodes there are).
+settle() {
+  local i
+  for ((i = 1; i <= $1; i++)); do
+    podman exec "$LAB_PREFIX-node$i" timeout 60 systemctl is-system-running --wait >/dev/null 2>&1 || true
+  done
+  sync
+}
 
 # Runs site.yml once, logging to $1; prints its wall time in seconds. Stops the bench on failure.
 timed_run() {
@@ -55,6 +67,7 @@ for n in "${NODES[@]}"; do
   log "$n nodes: starting a fresh lab (not timed)"
   teardown
   bash scripts/lab.sh up "$n" >"$LOGS/lab-$n.log" 2>&1 || { tail -n 20 "$LOGS/lab-$n.log" >&2; exit 1; }
+  settle "$n"
   log "$n nodes: cold run"
   COLD[$n]=$(timed_run "$LOGS/cold-$n.log")
   log "$n nodes: repeated run"

@@ -87,7 +87,7 @@ def test_setup_builds_the_mesh_from_root_with_a_password(lab, inventory):
     assert all(matched), [line for line, m in zip(lines, matched) if not m]
     assert {m.group(1) for m in matched} == set(lab.names())
     assert {"ok", "changed", "skipped"} <= {m.group(2) for m in matched}
-    assert any(line.endswith("Turn password login off") for line in lines)
+    assert any(line.endswith("Write the sshd drop-in (checked with sshd -t before it is put in place)") for line in lines)
 
 
 def test_second_setup_changes_nothing_with_keys_only(lab, inventory, runner_tmp):
