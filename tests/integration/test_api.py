@@ -88,6 +88,10 @@ def test_setup_builds_the_mesh_from_root_with_a_password(lab, inventory):
     assert {m.group(1) for m in matched} == set(lab.names())
     assert {"ok", "changed", "skipped"} <= {m.group(2) for m in matched}
     assert any(line.endswith("Write the sshd drop-in (checked with sshd -t before it is put in place)") for line in lines)
+    # the lockout guards ran (not skipped) before password login went off
+    for guard in ("Log in from the controller to every node with the key alone",
+                  "Log in from this node to its share of the nodes with the key alone"):
+        assert any(m.group(2) == "ok" and line.endswith(guard) for line, m in zip(lines, matched)), guard
 
 
 def test_second_setup_changes_nothing_with_keys_only(lab, inventory, runner_tmp):
