@@ -13,6 +13,17 @@ def cluster_address(hostvars):
     raise ValueError("cluster_address: the host has neither cluster_address, ansible_host nor a name")
 
 
+def node_names(hostvars):
+    """Every name and address one host is reached by, without repeats: its inventory name, its
+    cluster_address, its ansible_host and the hostname it reports (gathered facts), in that order.
+    known_hosts lists a node's host keys under all of them; the ssh client settings cover them all.
+    """
+    name = str(hostvars.get("inventory_hostname"))
+    facts = hostvars.get("ansible_facts") or {}
+    names = [name, cluster_address(hostvars), hostvars.get("ansible_host") or name, facts.get("hostname")]
+    return list(dict.fromkeys(str(n) for n in names if n))
+
+
 def cluster_node(hostvars):
     """The fields of one host that the cluster model checks (see cluster_inventory_check)."""
     return {
@@ -90,4 +101,5 @@ def key_login_targets(nodes, addresses, hub=None, mode="ring"):
 class FilterModule:
     def filters(self):
         return {"cluster_address": cluster_address, "cluster_node": cluster_node, "hostfile_node": hostfile_node,
-                "cluster_address_of": cluster_address_of, "cli_flags": cli_flags, "key_login_targets": key_login_targets}
+                "cluster_address_of": cluster_address_of, "cli_flags": cli_flags, "key_login_targets": key_login_targets,
+                "node_names": node_names}

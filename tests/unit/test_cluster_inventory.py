@@ -1,6 +1,6 @@
 import pytest
 
-from cluster import cluster_address, cluster_node, key_login_targets
+from cluster import cluster_address, cluster_node, key_login_targets, node_names
 from cluster_inventory import inventory_errors
 
 
@@ -87,3 +87,10 @@ def test_login_plan_edge_cases():
         key_login_targets(["a"], ["1"], mode="star")
     with pytest.raises(ValueError, match="2 nodes but 1 addresses"):
         key_login_targets(["a", "b"], ["1"])
+
+
+def test_node_names_lists_every_name_once_in_order():
+    hv = {"inventory_hostname": "n1", "ansible_host": "10.0.0.1", "cluster_address": "n1",
+          "ansible_facts": {"hostname": "gpu-a"}}
+    assert node_names(hv) == ["n1", "10.0.0.1", "gpu-a"]
+    assert node_names({"inventory_hostname": "n2"}) == ["n2"]
