@@ -30,10 +30,20 @@ class ModelArguments:
         "help": "Which kernel SDPA attention tries first: auto (cuDNN on Hopper GPUs, where its forward + "
                 "backward ran 1.6x faster than flash at seq 2048; PyTorch's order elsewhere), default, cudnn "
                 "or flash. Exact attention either way; a kernel that cannot take an input falls back."})
-    compile_regions: bool = field(default=False, metadata={
-        "help": "torch.compile each decoder layer and the loss (regional compilation: the layers share one "
-                "compiled graph, so a 64-layer model compiles in about the time of one layer, and it works with "
-                "gradient checkpointing). --torch_compile compiles the whole model instead."})
+    compile: str = field(default="none", metadata={
+        "help": "regions: torch.compile each decoder layer and the loss (regional compilation: the layers share "
+                "one compiled graph, so a 64-layer model compiles in about the time of one layer; works with "
+                "gradient checkpointing; not with ZeRO-3). deepcompile: DeepSpeed's DeepCompile through "
+                "engine.compile() (ZeRO 1-3 on CUDA; the DeepSpeed config must hold \"compile\": {\"deepcompile\": "
+                "true}). torch: engine.compile() without DeepCompile. none: eager. On the CPU deepcompile and "
+                "torch run eager."})
+    compile_regions: bool | None = field(default=None, metadata={
+        "help": "Deprecated spelling of --compile regions."})
+    master_weights: str = field(default="fp32", metadata={
+        "help": "fp32: a full fine-tune in 16-bit precision keeps fp32 weights and runs the model under 16-bit "
+                "autocast (mixed precision; DeepSpeed's bf16/fp16 modes keep their own fp32 copy); LoRA keeps its "
+                "adapters in fp32 over a 16-bit base. none: the weights themselves are 16-bit and the optimizer "
+                "updates them in 16 bits (at small learning rates most updates round away; for comparisons only)."})
     checkpoint_layers: int | None = field(default=None, metadata={
         "help": "With gradient checkpointing, checkpoint only the first N decoder layers; the others keep "
                 "their activations (faster, more memory). Default: all. The planner sets it."})
@@ -97,6 +107,9 @@ OUR_DEFAULTS = {
     "remove_unused_columns": False,
     "label_names": ["labels"],
     "save_strategy": "steps",
+    # NCCL's timeout for one collective (accelerate passes it to init_process_group): a rank that meets
+    # the first all-gather only after a cold DeepCompile (minutes) must not make the others time out
+    "ddp_timeout": 3600,
 }
 
 
@@ -342,7 +355,7 @@ def parse(pre, world_size, configured_state):
             "ds_source": ds_source, "argv": argv}
     if ds_config is not None:
         check_ds_mismatches(training_args, ds_source)
-    check_speed_options(model_args, training_args, ds_config)
+    check_speed_options(model_args, training_args, ds_config, ds_source)
     if run_args.profile_steps is not None:
         check_profile_steps(run_args.profile_steps)
     return model_args, data_args, lora_args, run_args, training_args, info
@@ -356,20 +369,68 @@ def check_profile_steps(spec):
         raise ConfigError(f"--profile_steps must be A or A-B with 1 <= A <= B (optimizer steps), got {spec!r}")
 
 
-def check_speed_options(model_args, training_args, ds_config):
+COMPILE_MODES = ("regions", "deepcompile", "torch", "none")
+MASTER_WEIGHTS = ("fp32", "none")
+
+
+def deepcompile_in_config(ds_config):
+    return bool(_get(ds_config, "compile.deepcompile")) if ds_config else False
+
+
+def check_speed_options(model_args, training_args, ds_config, ds_source="the DeepSpeed config"):
     if model_args.sdpa_backend not in ("auto", "default", "cudnn", "flash"):
         raise ConfigError(f"--sdpa_backend must be auto, default, cudnn or flash, got {model_args.sdpa_backend!r}")
-    if model_args.compile_regions and training_args.torch_compile:
-        raise ConfigError("--compile_regions and --torch_compile both compile the model: choose one")
-    if model_args.compile_regions and zero_stage(ds_config) == 3:
-        raise ConfigError("--compile_regions does not work with ZeRO-3 (its parameter hooks break the compiled "
-                          "layers): drop it or use ZeRO-0/1/2")
+    check_compile(model_args, training_args, ds_config, ds_source)
+    check_master_weights(model_args, training_args, ds_config)
     if model_args.checkpoint_layers is not None:
         if model_args.checkpoint_layers < 1:
             raise ConfigError(f"--checkpoint_layers must be at least 1, got {model_args.checkpoint_layers} "
                               "(for no checkpointing, pass --gradient_checkpointing false)")
         if not checkpointing_enabled(training_args):
             raise ConfigError("--checkpoint_layers needs --gradient_checkpointing true")
+
+
+def check_compile(model_args, training_args, ds_config, ds_source):
+    """--compile against the engine and the DeepSpeed config; folds --compile_regions into it."""
+    mode = model_args.compile
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if model_args.compile_regions:
+        if mode not in ("none", "regions"):
+            raise ConfigError(f"--compile_regions (the old spelling of --compile regions) and --compile {mode} "
+                              "disagree: give --compile alone")
+        mode = model_args.compile = "regions"
+    if mode != "none" and training_args.torch_compile:
+        raise ConfigError(f"--compile {mode} and --torch_compile both compile the model: choose one")
+    stage = zero_stage(ds_config)
+    if mode == "regions" and stage == 3:
+        raise ConfigError("--compile regions does not work with ZeRO-3 (its parameter hooks break the compiled "
+                          "layers): use --compile deepcompile (with \"compile\": {\"deepcompile\": true} in the "
+                          "DeepSpeed config) or --compile torch")
+    if mode in ("deepcompile", "torch") and ds_config is None:
+        raise ConfigError(f"--compile {mode} compiles the DeepSpeed engine and needs --deepspeed; without DeepSpeed "
+                          "use --compile regions")
+    in_config = deepcompile_in_config(ds_config)
+    if mode == "deepcompile" and not in_config:
+        raise ConfigError(f"--compile deepcompile needs \"compile\": {{\"deepcompile\": true}} in {ds_source} "
+                          "(DeepSpeed reads it when the engine is built): add it, or use --compile torch")
+    if in_config and mode != "deepcompile":
+        raise ConfigError(f"{ds_source} turns DeepCompile on (\"compile\": {{\"deepcompile\": true}}) but "
+                          f"--compile is {mode}: pass --compile deepcompile, or remove compile.deepcompile from the "
+                          "config")
+
+
+def check_master_weights(model_args, training_args, ds_config):
+    choice = model_args.master_weights
+    if choice not in MASTER_WEIGHTS:
+        raise ConfigError(f"--master_weights must be fp32 or none, got {choice!r}")
+    if choice == "none":
+        if not (training_args.bf16 or training_args.fp16):
+            raise ConfigError("--master_weights none (16-bit weights updated in 16 bits) needs --bf16 true or "
+                              "--fp16 true; in fp32 precision the weights are fp32 anyway")
+        if ds_config is not None:
+            raise ConfigError("--master_weights none is for the torch engine only: DeepSpeed's bf16/fp16 modes "
+                              "always keep fp32 master weights; drop the flag or --deepspeed")
 
 
 def checkpointing_enabled(training_args):

@@ -223,3 +223,76 @@ def progress_bar(total, initial):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+
+
+PHASES = ("loading", "compiling", "training", "saving", "done")
+
+
+class PhaseFile:
+    """Rank 0: <output_dir>/phase.json, what the run is doing since when, for the launcher's status
+    ({"phase": ..., "since": unix time, "step": N}). While compiling, a line "compiling (Ns)" every
+    `tick_s` seconds, so a long first compile is not taken for a hang."""
+
+    def __init__(self, output_dir, enabled=True, tick_s=30.0):
+        self.path = os.path.join(output_dir, "phase.json")
+        self.enabled = enabled
+        self.tick_s = tick_s
+        self.phase = None
+        self.since = None
+        self._stop = None
+
+    def set(self, phase, step=0):
+        if not self.enabled or phase == self.phase:
+            return
+        from train.checkpoints import write_json_atomic
+
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}")
+        self._stop_ticker()
+        self.phase, self.since = phase, time.time()
+        write_json_atomic(self.path, {"phase": phase, "since": self.since, "step": int(step)})
+        if phase == "compiling":
+            self._start_ticker()
+
+    def elapsed(self):
+        return time.time() - self.since if self.since is not None else 0.0
+
+    def _start_ticker(self):
+        import threading
+
+        stop = self._stop = threading.Event()
+        since = self.since
+        console()("compiling (0s)")
+
+        def tick():
+            while not stop.wait(self.tick_s):
+                console()(f"compiling ({time.time() - since:.0f}s)")
+
+        threading.Thread(target=tick, name="compile-progress", daemon=True).start()
+
+    def _stop_ticker(self):
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+
+
+def compile_cache_state():
+    """Where torch.compile's caches are and whether they hold anything yet (a relaunch of the same
+    plan on the same node finds them warm). Inductor's FX-graph and AOTAutograd caches live under
+    TORCHINDUCTOR_CACHE_DIR, Triton's kernels under TRITON_CACHE_DIR."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    inductor = cache_dir()
+    triton = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+
+    def entries(path):
+        try:
+            return len(os.listdir(path))
+        except OSError:
+            return 0
+
+    graphs = entries(os.path.join(inductor, "fxgraph")) + entries(os.path.join(inductor, "aotautograd"))
+    kernels = entries(triton)
+    state = "warm" if graphs else "cold"
+    return state, (f"compile caches {state}: TORCHINDUCTOR_CACHE_DIR={inductor} ({graphs} cached graphs), "
+                   f"TRITON_CACHE_DIR={triton} ({kernels} kernels)")

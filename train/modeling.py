@@ -132,13 +132,40 @@ def training_dtype(args):
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
+def weights_dtype(model_args, lora_args, training_args):
+    """The dtype the weights are built in, and one line saying where the fp32 master weights are.
+
+    Without DeepSpeed a full fine-tune keeps fp32 weights, gradients and AdamW states and runs under
+    16-bit autocast (the Trainer's mixed precision): AdamW's step at lr 1e-5 is smaller than half a
+    bf16 ulp of most weights, so 16-bit weights would mostly not move. DeepSpeed's 16-bit modes keep
+    their own fp32 copy in the optimizer, so the module it gets is 16-bit."""
+    from train.args import ConfigError
+
+    compute = training_dtype(training_args)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[compute]
+    if compute == torch.float32:
+        return compute, "weights: fp32 (fp32 precision, no autocast)"
+    if lora_args.lora:
+        if model_args.master_weights == "none":
+            raise ConfigError("--master_weights none does not apply to LoRA: the adapters train in fp32 (peft) "
+                              f"over the frozen {name} base; drop the flag")
+        return compute, f"weights: LoRA adapters in fp32 (peft), frozen base in {name}"
+    if training_args.deepspeed:
+        return compute, (f"weights: fp32 master weights in DeepSpeed's {name} optimizer (ZeRO keeps an fp32 copy "
+                         f"and fp32 Adam states), {name} in the model")
+    if model_args.master_weights == "none":
+        return compute, (f"weights: {name} only, updated in {name} (--master_weights none: no fp32 master copy, "
+                         "small updates round away)")
+    return torch.float32, f"weights: fp32 master weights, gradients and AdamW states; {name} autocast (mixed precision)"
+
+
 def build_model(model_args, lora_args, training_args, tokenizer):
     """The model to train. Must run after TrainingArguments exist: under ZeRO-3 the weights are
     then partitioned while loading (deepspeed.zero.Init) instead of materialised on every rank."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = model_args.model_name_or_path
-    dtype = training_dtype(training_args)
+    dtype, _ = weights_dtype(model_args, lora_args, training_args)
     attn = resolve_attn_implementation(model_args.attn_implementation)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if len(tokenizer) > config.vocab_size:
@@ -217,7 +244,7 @@ def compile_regions(model):
     layers = decoder_layers(model)
     if not layers:
         raise ModelDirError(f"{type(model).__name__}: no repeated decoder layers found to compile; "
-                            "use --torch_compile instead of --compile_regions")
+                            "use --torch_compile instead of --compile regions")
     import torch._inductor.config as inductor_config
 
     # Measured on the H100 with the 32B LoRA shape (docs/gpu-benchmarks.md): dropout through eager's

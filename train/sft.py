@@ -85,8 +85,8 @@ def train(pre, rank, local_rank, world_size, say, state):
 
     from train import args as args_mod
     from train import checkpoints, data, metrics, modeling
-    from train.trainer import (CheckpointCallback, CheckpointLayersCallback, ProfileCallback, ProgressPrinter,
-                               SFTTrainer)
+    from train.trainer import (CheckpointCallback, CheckpointLayersCallback, EngineCompileCallback, PhaseCallback,
+                               ProfileCallback, ProgressPrinter, SFTTrainer, choose_engine_compile)
 
     use_deepspeed = pre["raw"].deepspeed is not None
     configured_state = not torch.cuda.is_available() and (use_deepspeed or world_size > 1)
@@ -96,6 +96,13 @@ def train(pre, rank, local_rank, world_size, say, state):
     output_dir = os.path.abspath(training_args.output_dir)
     final_dir = os.path.abspath(run_args.final_model_dir or os.path.join(output_dir, "final_model"))
     started = time.time()
+    _, weights_line = modeling.weights_dtype(model_args, lora_args, training_args)  # (refuses bad choices early)
+    use_cuda = torch.cuda.is_available()
+    # what compiles: the layers (regions), the DeepSpeed engine (deepcompile, torch) or nothing
+    engine_compile, compile_why = choose_engine_compile(model_args.compile, args_mod.zero_stage(info["ds_config"]),
+                                                        use_cuda)
+    compile_runs = "regions" if model_args.compile == "regions" else engine_compile
+    compiles = compile_runs != "none"
 
     modeling.check_model_dir(model_args.model_name_or_path, need_weights=not model_args.random_init)
     tokenizer = modeling.load_tokenizer(model_args.model_name_or_path, model_args.chat_template)
@@ -125,11 +132,13 @@ def train(pre, rank, local_rank, world_size, say, state):
     for note in decision["notes"]:
         say(note)
     state["owns_output_dir"] = True
+    phase = metrics.PhaseFile(output_dir, enabled=rank == 0)
+    phase.set("loading")
 
     modeling.prefer_sdpa_backend(model_args.sdpa_backend)
     model = modeling.build_model(model_args, lora_args, training_args, tokenizer)
     total_params, trainable_params = modeling.count_parameters(model)
-    if model_args.compile_regions:
+    if model_args.compile == "regions":
         modeling.compile_regions(model)
     seq_len = data_args.max_seq_length
     meter = metrics.Meter(modeling.flops_per_token(model, seq_len),
@@ -145,10 +154,14 @@ def train(pre, rank, local_rank, world_size, say, state):
     global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world_size
     say(f"model {model_args.model_name_or_path}{' (random init)' if model_args.random_init else ''}: "
         f"{total_params / 1e6:.1f}M parameters, {trainable_params / 1e6:.2f}M trainable"
-        f"{' (LoRA r=%d)' % lora_args.lora_r if lora_args.lora else ''}; "
+        f"{f' (LoRA r={lora_args.lora_r})' if lora_args.lora else ''}; "
         f"{'bf16' if training_args.bf16 else 'fp16' if training_args.fp16 else 'fp32'}, "
         f"ZeRO-{args_mod.zero_stage(info['ds_config']) if info['ds_config'] else 'off'}, world size {world_size}"
-        + (", compiled layers" if model_args.compile_regions else ""))
+        )
+    say(weights_line)
+    say(f"compile: {compile_runs} ({compile_why})")
+    if compiles and rank == 0:
+        say(metrics.compile_cache_state()[1])
     say(f"data: {ts.examples} examples -> {ts.rows} sequences of <= {seq_len} tokens "
         f"({ts.tokens} tokens, {ts.trainable_tokens} with loss); {ts.truncated} truncated, {ts.dropped} dropped"
         + (f"; {ts.last_turn_only} chats trained on their last turn only" if ts.last_turn_only else "")
@@ -165,6 +178,7 @@ def train(pre, rank, local_rank, world_size, say, state):
         data_collator=data.Collator(tokenizer.pad_token_id, max_length=seq_len),
         processing_class=tokenizer,
         meter=meter,
+        phase=phase,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -176,6 +190,12 @@ def train(pre, rank, local_rank, world_size, say, state):
         trainer.add_callback(CheckpointLayersCallback(model_args.checkpoint_layers))
     if run_args.profile_steps:
         trainer.add_callback(ProfileCallback(run_args.profile_steps, output_dir))
+    engine_compiler = None
+    if engine_compile != "none":
+        engine_compiler = EngineCompileCallback(trainer, engine_compile)
+        trainer.add_callback(engine_compiler)
+    trainer.add_callback(PhaseCallback(phase, compiles,
+                                       lambda: engine_compiler.recompile_steps if engine_compiler else ()))
     if writer is not None:
         trainer.add_callback(ProgressPrinter(writer))
 
@@ -186,6 +206,8 @@ def train(pre, rank, local_rank, world_size, say, state):
                 if "eval_loss" in e and e.get("step") == trainer.state.global_step]
         eval_loss = done[-1]["eval_loss"] if done else trainer.evaluate().get("eval_loss")
 
+    if run_args.save_final_model:
+        phase.set("saving", trainer.state.global_step)
     written = modeling.save_final_model(trainer, tokenizer, final_dir, lora_args) if run_args.save_final_model else []
     distributed.barrier()
     if rank == 0:
@@ -213,6 +235,7 @@ def train(pre, rank, local_rank, world_size, say, state):
         }
         metrics.write_summary(os.path.join(output_dir, "summary.json"), summary)
         writer.close()
+        phase.set("done", trainer.state.global_step)
         loss = (f", loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}"
                 if summary["loss_first"] is not None else "")
         say(f"done: {summary['steps']} steps{loss}"

@@ -15,9 +15,10 @@ FAULT_ENV = "TRAIN_FAULT_INJECT"
 
 
 class SFTTrainer(Trainer):
-    def __init__(self, *args, meter, **kwargs):
+    def __init__(self, *args, meter, phase=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.meter = meter
+        self.phase = phase
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         num_tokens = inputs.pop("num_tokens", None)
@@ -36,6 +37,8 @@ class SFTTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
+        if _internal_call and self.phase is not None:
+            self.phase.set("saving", self.state.global_step)  # (the Trainer saves the model first)
         if _internal_call and self.is_deepspeed_enabled and not self.args.save_only_model:
             # Resuming needs only DeepSpeed's checkpoint (written next, with the optimizer state).
             # Gathering 16-bit weights into every checkpoint would add a full model write per save;
@@ -45,6 +48,93 @@ class SFTTrainer(Trainer):
                 self.processing_class.save_pretrained(output_dir)
             return
         super().save_model(output_dir, _internal_call)
+
+
+def choose_engine_compile(requested, zero_stage, cuda):
+    """What `--compile deepcompile|torch` runs on the DeepSpeed path: (deepcompile|torch|none, why).
+
+    DeepCompile where DeepSpeed supports it (its own test: CUDA and torch >= 2.6; ZeRO 1-3, on
+    ZeRO-0 DeepSpeed itself compiles without it); engine.compile() without DeepCompile where only
+    that works; eager on the CPU, where compiling the engine only adds start-up."""
+    import torch
+
+    if requested == "regions":
+        return "none", "each decoder layer and the loss, torch.compile"
+    if requested == "none":
+        return "none", "eager, as asked"
+    if not cuda:
+        return "none", f"--compile {requested} asked, but this is a CPU run: the engine compiles on CUDA only"
+    from deepspeed.compile.util import is_deepcompile_supported
+    from deepspeed.runtime.compiler import is_compile_supported
+
+    if not is_compile_supported():
+        return "none", f"--compile {requested} asked, but torch {torch.__version__} has no torch.compile for DeepSpeed"
+    if requested == "torch":
+        return "torch", "engine.compile() without DeepCompile, as asked"
+    if not is_deepcompile_supported():
+        return "torch", f"DeepCompile needs torch >= 2.6 on CUDA, this is torch {torch.__version__}"
+    if zero_stage not in (1, 2, 3):
+        return "torch", f"DeepCompile supports ZeRO 1-3, this plan is ZeRO-{zero_stage}"
+    return "deepcompile", f"ZeRO-{zero_stage} on CUDA, torch {torch.__version__}"
+
+
+class EngineCompileCallback(TrainerCallback):
+    """Compiles the DeepSpeed engine (`trainer.model_wrapped`) when training starts: after
+    deepspeed.initialize and after a checkpoint is loaded, so DeepCompile registers the parameter
+    and gradient partitions the run will really use. (accelerate would call engine.compile() right
+    after initialize, before the checkpoint is loaded, when TrainingArguments.torch_compile is set.)
+
+    DeepCompile's pass schedule counts the engine's global steps from 0 (graph passes at step 0,
+    prefetch and selective unsharding at step 5); a resumed engine starts at the checkpoint's step,
+    where no scheduled step would ever come, so the schedule is shifted to start there."""
+
+    def __init__(self, trainer, mode):
+        self.trainer = trainer
+        self.mode = mode
+        self.recompile_steps = ()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        engine = self.trainer.model_wrapped
+        if self.mode == "torch" and engine.is_deepcompile_enabled():
+            engine._config.compile_config.deepcompile = False  # the fallback when DeepCompile cannot run
+        engine.compile()
+        if self.mode == "deepcompile":
+            from collections import deque
+
+            from deepspeed.compile import backend
+
+            start = engine.global_steps
+            backend.remaining_schedule = deque((step + start, passes) for step, passes in backend.remaining_schedule)
+            self.recompile_steps = tuple(step for step, _ in backend.remaining_schedule if step > start)
+
+
+class PhaseCallback(TrainerCallback):
+    """phase.json through training: compiling until the first step ends (and again at DeepCompile's
+    scheduled recompiles), training, saving while a checkpoint is written."""
+
+    def __init__(self, phase, compiles, recompile_steps=lambda: ()):
+        self.phase = phase
+        self.compiles = compiles
+        self.recompile_steps = recompile_steps
+        self.first_step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step
+        self.phase.set("compiling" if self.compiles else "training", state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step in self.recompile_steps():
+            self.phase.set("compiling", state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.phase.phase == "compiling":
+            took = self.phase.elapsed()
+            what = "first step" if state.global_step == self.first_step + 1 else f"step {state.global_step}"
+            self.phase.set("training", state.global_step)
+            console()(f"compiled and ran the {what} in {took:.0f}s")
+
+    def on_save(self, args, state, control, **kwargs):
+        self.phase.set("training", state.global_step)
 
 
 class CheckpointLayersCallback(TrainerCallback):
