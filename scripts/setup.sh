@@ -35,9 +35,18 @@ fi
 # The venv uses Debian's python3 (not a pyenv build) so that the lab's Debian nodes can run
 # the very same environment when it is mounted into them at the same path.
 VENV=$ROOT/.venv
+# This checkout is the collection dsmesh.cluster: linked into the venv's ansible_collections, Ansible
+# finds its roles and modules by name, and Python code imports its module_utils by the same path.
+link_collection() {
+  local site
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  mkdir -p "$site/ansible_collections/dsmesh"
+  ln -sfn "$ROOT" "$site/ansible_collections/dsmesh/cluster"
+}
 STAMP=$VENV/.requirements.sha256
 want=$(sha256sum requirements.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [[ -f $STAMP && $(cat "$STAMP") == "$want" ]]; then
+  link_collection
   exit 0
 fi
 [[ -x $VENV/bin/python ]] || /usr/bin/python3 -m venv "$VENV"
@@ -51,5 +60,6 @@ if ! "$VENV/bin/python" -c 'import deepspeed' 2>/dev/null; then
   DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 "${PIP[@]}" --no-build-isolation "$(grep -E '^deepspeed==' requirements.txt)"
 fi
 "${PIP[@]}" -r requirements.txt
+link_collection
 echo "$want" >"$STAMP"
 echo "setup: .venv ready"

@@ -10,7 +10,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ansible.module_utils.ds_hostfile import render_hostfile
+from .hostfile import render_hostfile
 
 
 def check_mesh(addresses, timeout=10):
@@ -39,7 +39,7 @@ def run_probes(addresses, python, code_dir, paths, disk, checksum=True, timeout=
     return proc.stdout, proc.stderr, started, time.time()
 
 
-class Collective(object):
+class Collective:
     """dsmesh.allreduce launched with `deepspeed --hostfile` from code_dir, in the background, so the
     other checks run meanwhile; cancel() ends it (a node found down would make it hang)."""
 

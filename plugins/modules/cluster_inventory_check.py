@@ -1,6 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
-from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
@@ -55,7 +53,7 @@ nodes:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.cluster_inventory import inventory_errors
+from ..module_utils.cluster_inventory import inventory_errors
 
 
 def main():

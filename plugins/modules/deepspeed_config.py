@@ -1,10 +1,7 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 """Ansible module: plan a DeepSpeed ZeRO job and write its ds_config.json."""
 
-from __future__ import absolute_import, division, print_function
 
-__metaclass__ = type
 
 DOCUMENTATION = r"""
 ---
@@ -213,9 +210,9 @@ dest:
 import json
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ds_files import FileWriteError, parse_mode, write_file
-from ansible.module_utils.ds_gpu import supports_bf16
-from ansible.module_utils.ds_planner import (ADAPTER_TARGETS, Cluster, Job, PlanError, build_ds_config,
+from ..module_utils.files import FileWriteError, parse_mode, write_file
+from ..module_utils.gpus import supports_bf16
+from ..module_utils.ds_planner import (ADAPTER_TARGETS, Cluster, Job, PlanError, build_ds_config,
                                              load_model_shape, plan, summary_lines, trainer_args,
                                              trainer_argv)
 
@@ -260,8 +257,7 @@ def main():
     if bf16 is None and p["device"] == "gpu":
         bf16 = supports_bf16(p["gpu_model"], p["compute_capability"])
         if bf16 is None:
-            warnings.append("cannot tell whether %r has bf16: planning fp16; set bf16 to decide"
-                            % (p["gpu_model"],))
+            warnings.append("cannot tell whether {!r} has bf16: planning fp16; set bf16 to decide".format(p["gpu_model"]))
             bf16 = False
     lora = dict(p["lora"])
     opt = dict(p["optimizer"])

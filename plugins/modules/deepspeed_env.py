@@ -1,10 +1,7 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 """Ansible module: write the .deepspeed_env that DeepSpeed's runner exports on remote ranks."""
 
-from __future__ import absolute_import, division, print_function
 
-__metaclass__ = type
 
 DOCUMENTATION = r"""
 ---
@@ -105,8 +102,8 @@ dest:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ds_env import EnvError, build_env, omp_threads, render_env
-from ansible.module_utils.ds_files import FileWriteError, parse_mode, write_file
+from ..module_utils.rank_env import EnvError, build_env, omp_threads, render_env
+from ..module_utils.files import FileWriteError, parse_mode, write_file
 
 
 def main():

@@ -1,10 +1,7 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 """Ansible module: write DeepSpeed's hostfile from the inventory's cluster group."""
 
-from __future__ import absolute_import, division, print_function
 
-__metaclass__ = type
 
 DOCUMENTATION = r"""
 ---
@@ -122,8 +119,8 @@ dest:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ds_files import FileWriteError, parse_mode, write_file
-from ansible.module_utils.ds_hostfile import HostfileError, render_hostfile, resolve_nodes
+from ..module_utils.files import FileWriteError, parse_mode, write_file
+from ..module_utils.hostfile import HostfileError, render_hostfile, resolve_nodes
 
 
 def main():

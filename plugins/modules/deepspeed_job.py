@@ -1,6 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
-from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
@@ -91,7 +89,7 @@ import subprocess
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.jobctl import job_status, kill_ranks_command, start, stop
+from ..module_utils.jobctl import job_status, kill_ranks_command, start, stop
 
 
 def end_leftover_ranks(nodes, output_dir):

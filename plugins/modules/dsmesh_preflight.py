@@ -1,6 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
-from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
@@ -122,12 +120,12 @@ import os
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ds_env import build_env
-from ansible.module_utils.ds_hostfile import HostfileError, resolve_nodes
-from ansible.module_utils.preflight import (build_report, collective_row, failed, format_report,
+from ..module_utils.rank_env import build_env
+from ..module_utils.hostfile import HostfileError, resolve_nodes
+from ..module_utils.preflight import (build_report, collective_row, failed, format_report,
                                             parse_probe_output)
-from ansible.module_utils.pdsh_clock import check_clocks
-from ansible.module_utils.preflight_run import Collective, check_mesh, run_probes
+from ..module_utils.pdsh_clock import check_clocks
+from ..module_utils.preflight_run import Collective, check_mesh, run_probes
 
 
 def main():

@@ -1,10 +1,7 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
 """Ansible module: GPU count, model and memory of a node (nvidia-smi), host memory, CPUs."""
 
-from __future__ import absolute_import, division, print_function
 
-__metaclass__ = type
 
 DOCUMENTATION = r"""
 ---
@@ -95,8 +92,8 @@ ansible_facts:
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.ds_env import interface_for_address
-from ansible.module_utils.ds_gpu import (NVIDIA_SMI_FIELDS, NVIDIA_SMI_FIELDS_OLD, GpuFactsError,
+from ..module_utils.rank_env import interface_for_address
+from ..module_utils.gpus import (NVIDIA_SMI_FIELDS, NVIDIA_SMI_FIELDS_OLD, GpuFactsError,
                                          parse_meminfo, parse_nvidia_smi, summarize)
 
 
@@ -106,8 +103,8 @@ def query_gpus(module, smi):
         if rc == 0:
             return parse_nvidia_smi(out), None
         if "compute_cap" not in (out + err):
-            return [], "nvidia-smi failed (rc=%d): %s" % (rc, (err or out).strip())
-    return [], "nvidia-smi failed: %s" % (err or out).strip()
+            return [], f"nvidia-smi failed (rc={rc}): {(err or out).strip()}"
+    return [], f"nvidia-smi failed: {(err or out).strip()}"
 
 
 def main():
@@ -138,9 +135,9 @@ def main():
     try:
         with open("/proc/meminfo") as fd:
             facts["ds_host_memory_gb"] = parse_meminfo(fd.read())
-    except (IOError, OSError, GpuFactsError) as exc:
+    except (OSError, GpuFactsError) as exc:
         facts["ds_host_memory_gb"] = None
-        warnings.append("cannot read host memory: %s" % exc)
+        warnings.append(f"cannot read host memory: {exc}")
     try:
         facts["ds_cpu_count"] = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -153,7 +150,7 @@ def main():
             if rc == 0:
                 facts["ds_cluster_interface"] = interface_for_address(out, p["cluster_address"])
         if not facts["ds_cluster_interface"]:
-            warnings.append("no interface on this node holds %s" % p["cluster_address"])
+            warnings.append("no interface on this node holds {}".format(p["cluster_address"]))
     for w in warnings:
         module.warn(w)
     module.exit_json(changed=False, ansible_facts=facts)

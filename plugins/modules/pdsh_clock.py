@@ -1,6 +1,4 @@
 #!/usr/bin/python
-# -*- coding: utf-8 -*-
-from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
@@ -66,7 +64,7 @@ uncertainty_seconds:
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.pdsh_clock import check_clocks
+from ..module_utils.pdsh_clock import check_clocks
 
 
 def main():
@@ -87,21 +85,19 @@ def main():
     report = check_clocks(p["hosts"], p["connect_timeout"])
     if report["missing"]:
         module.fail_json(
-            msg="pdsh could not reach: %s. Check that these nodes are up and that this node can "
-                "'ssh -o BatchMode=yes' to them. pdsh said: %s"
-                % (", ".join(report["missing"]), report["stderr"].strip()),
+            msg="pdsh could not reach: {}. Check that these nodes are up and that this node can "
+                "'ssh -o BatchMode=yes' to them. pdsh said: {}".format(", ".join(report["missing"]), report["stderr"].strip()),
             changed=False, **report)
     if p["fail_skew_seconds"] is not None and report["skew_seconds"] > p["fail_skew_seconds"]:
         module.fail_json(
-            msg="The nodes' clocks differ by %.3f s (limit %.3f s): %s. Sync them (chrony or "
-                "systemd-timesyncd against one server)." % (report["skew_seconds"], p["fail_skew_seconds"],
+            msg="The nodes' clocks differ by {:.3f} s (limit {:.3f} s): {}. Sync them (chrony or "
+                "systemd-timesyncd against one server).".format(report["skew_seconds"], p["fail_skew_seconds"],
                                                             report["offsets_seconds"]),
             changed=False, **report)
     # pdsh reaches the nodes one after another: only a skew beyond what that spread explains counts.
     if report["skew_seconds"] > p["warn_skew_seconds"] + report["uncertainty_seconds"]:
-        module.warn("The nodes' clocks differ by %.3f s (more than %.3f s): %s. Sync them (chrony or "
-                    "systemd-timesyncd against one server)."
-                    % (report["skew_seconds"], p["warn_skew_seconds"], report["offsets_seconds"]))
+        module.warn("The nodes' clocks differ by {:.3f} s (more than {:.3f} s): {}. Sync them (chrony or "
+                    "systemd-timesyncd against one server).".format(report["skew_seconds"], p["warn_skew_seconds"], report["offsets_seconds"]))
     module.exit_json(changed=False, **report)
 
 

@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 """The .deepspeed_env file for DeepSpeed's multi-node runner (stdlib only).
 
 DeepSpeed's pdsh runner forwards only NCCL*, PYTHON*, UCX*, MV2*, MLFLOW* variables to remote
@@ -9,7 +8,6 @@ each value in the remote shell, wrapped in double quotes when it holds character
 would expand ($, `, \\, ") or that end a line.
 """
 
-from __future__ import absolute_import, division, print_function
 
 import re
 import socket
@@ -85,8 +83,11 @@ def omp_threads(cpu_cores, ranks_per_node):
 
 
 def build_env(user_vars=None, venv=None, omp_num_threads=1, hf_home=None, torch_extensions_dir=None,
-              interfaces=None):
-    """Ordered variables: what remote ranks need, then the user's (the user's win)."""
+              interfaces=None, compile_cache_dir=None):
+    """Ordered variables: what remote ranks need, then the user's (the user's win).
+
+    compile_cache_dir: a directory on each node's local disk for torch.compile's caches (Inductor's
+    graphs and Triton's kernels), so a relaunch of the same plan reuses the first start's compilation."""
     env = OrderedDict()
     if venv:
         env["PATH"] = venv.rstrip("/") + "/bin:" + SYSTEM_PATH
@@ -96,6 +97,9 @@ def build_env(user_vars=None, venv=None, omp_num_threads=1, hf_home=None, torch_
         env["HF_HOME"] = hf_home
     if torch_extensions_dir:
         env["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir
+    if compile_cache_dir:
+        env["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir.rstrip("/") + "/inductor"
+        env["TRITON_CACHE_DIR"] = compile_cache_dir.rstrip("/") + "/triton"
     ifname = nccl_socket_ifname(interfaces)
     if ifname:
         env["NCCL_SOCKET_IFNAME"] = ifname
@@ -119,13 +123,12 @@ def render_env(env):
     lines = []
     for key, value in env.items():
         if not _KEY_RE.match(str(key)):
-            raise EnvError("%r is not a valid environment variable name" % (key,))
+            raise EnvError(f"{key!r} is not a valid environment variable name")
         value = str(value)
         if _BAD_VALUE_RE.search(value):
-            raise EnvError("%s: value %r holds $, `, \\, \" or a line break, which DeepSpeed's runner would "
-                           "hand to the remote shell unescaped" % (key, value))
+            raise EnvError(f"{key}: value {value!r} holds $, `, \\, \" or a line break, which DeepSpeed's runner would "
+                           "hand to the remote shell unescaped")
         if value != value.strip():
-            raise EnvError("%s: value %r has leading or trailing whitespace, which DeepSpeed's runner strips"
-                           % (key, value))
-        lines.append("%s=%s\n" % (key, value))
+            raise EnvError(f"{key}: value {value!r} has leading or trailing whitespace, which DeepSpeed's runner strips")
+        lines.append(f"{key}={value}\n")
     return "".join(lines)

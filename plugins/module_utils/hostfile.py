@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 """DeepSpeed hostfile from inventory nodes (stdlib only).
 
 A hostfile line is `<host> slots=<n>`. DeepSpeed's pdsh runner ssh-es from the master to every
@@ -6,7 +5,6 @@ A hostfile line is `<host> slots=<n>`. DeepSpeed's pdsh runner ssh-es from the m
 reach each other by (cluster_address, else ansible_host) and the master must come first.
 """
 
-from __future__ import absolute_import, division, print_function
 
 import re
 
@@ -25,7 +23,7 @@ def _int_or_none(value, what, host):
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise HostfileError("%s: %s must be an integer, got %r" % (host, what, value))
+        raise HostfileError(f"{host}: {what} must be an integer, got {value!r}")
 
 
 def resolve_nodes(nodes, master, include=None, exclude=None):
@@ -43,7 +41,7 @@ def resolve_nodes(nodes, master, include=None, exclude=None):
     names = [n.get("name") for n in nodes]
     for wanted in include + exclude:
         if wanted not in names and wanted not in [n.get("address") for n in nodes]:
-            raise HostfileError("include/exclude names %s, which is not in the cluster group" % wanted)
+            raise HostfileError(f"include/exclude names {wanted}, which is not in the cluster group")
 
     def selected(n):
         keys = (n.get("name"), n.get("address"))
@@ -55,42 +53,38 @@ def resolve_nodes(nodes, master, include=None, exclude=None):
     for n in nodes:
         name = n.get("name")
         if not name:
-            raise HostfileError("a cluster node has no name: %r" % (n,))
+            raise HostfileError(f"a cluster node has no name: {n!r}")
         if name in seen_names:
-            raise HostfileError("%s appears twice in the cluster group" % name)
+            raise HostfileError(f"{name} appears twice in the cluster group")
         seen_names[name] = True
         address = n.get("address") or name
         address = str(address).strip()
         if not _HOST_RE.match(address):
-            raise HostfileError("%s: address %r cannot be a hostfile entry (no spaces or shell characters)"
-                                % (name, address))
+            raise HostfileError(f"{name}: address {address!r} cannot be a hostfile entry (no spaces or shell characters)")
         if not selected(n):
             continue
         if address in seen_addresses:
-            raise HostfileError("%s and %s both have the address %s: one node would get both slot counts"
-                                % (seen_addresses[address], name, address))
+            raise HostfileError(f"{seen_addresses[address]} and {name} both have the address {address}: one node would get both slot counts")
         seen_addresses[address] = name
         slots = _int_or_none(n.get("slots"), "gpus (slots)", name)
         found = _int_or_none(n.get("gpu_count"), "gpu_count", name)
         if slots is None:
             slots = found
             if slots is None:
-                raise HostfileError("%s: no slots: set `gpus` in the inventory or gather GPU facts" % name)
+                raise HostfileError(f"{name}: no slots: set `gpus` in the inventory or gather GPU facts")
         elif found is not None and found > 0 and slots > found:
-            raise HostfileError("%s: the inventory says gpus=%d but nvidia-smi found %d GPU(s)"
-                                % (name, slots, found))
+            raise HostfileError(f"{name}: the inventory says gpus={slots} but nvidia-smi found {found} GPU(s)")
         if slots <= 0:
-            raise HostfileError("%s: zero slots (gpus=%s%s); a hostfile entry needs at least one"
-                                % (name, n.get("slots"),
-                                   ", %s GPU(s) found" % found if found is not None else ""))
+            raise HostfileError("{}: zero slots (gpus={}{}); a hostfile entry needs at least one".format(name, n.get("slots"),
+                                   f", {found} GPU(s) found" if found is not None else ""))
         entries.append({"name": name, "address": address, "slots": slots})
     if master not in seen_names:
-        raise HostfileError("master %s is not in the cluster group" % master)
+        raise HostfileError(f"master {master} is not in the cluster group")
     master_entry = [e for e in entries if e["name"] == master]
     if not master_entry:
-        raise HostfileError("master %s is excluded by include/exclude: rank 0 runs on the master" % master)
+        raise HostfileError(f"master {master} is excluded by include/exclude: rank 0 runs on the master")
     return master_entry + [e for e in entries if e["name"] != master]
 
 
 def render_hostfile(entries):
-    return "".join("%s slots=%d\n" % (e["address"], e["slots"]) for e in entries)
+    return "".join(f"{e['address']} slots={e['slots']}\n" for e in entries)

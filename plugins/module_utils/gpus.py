@@ -1,17 +1,52 @@
-# -*- coding: utf-8 -*-
-"""GPU and host facts: nvidia-smi and /proc/meminfo parsing, bf16 support (stdlib only)."""
-
-from __future__ import absolute_import, division, print_function
+"""GPUs: the one table of data-center GPUs (dense 16-bit peak, memory, bf16), used by the planner,
+the metrics' MFU and the status; nvidia-smi and /proc/meminfo parsing (standard library only)."""
 
 import re
 
 NVIDIA_SMI_FIELDS = "index,name,memory.total,compute_cap"
 NVIDIA_SMI_FIELDS_OLD = "index,name,memory.total"  # drivers before compute_cap was a field
 
-# bf16 needs compute capability 8.0 (Ampere) or newer. Used when only the name is known.
-_BF16_NAMES = re.compile(r"\b(A100|A800|A10G?|A16|A2|A30|A40|A[4-6]000|RTX\s*(30|40|50)\d\d|L4|L20|L40S?|"
-                         r"H100|H800|H20|H200|GH200|B100|B200|GB200|RTX\s*(PRO|\d+\s*Ada))\b", re.I)
-_NO_BF16_NAMES = re.compile(r"\b(V100|T4|P100|P40|P4|K80|M60|TITAN\s*V|RTX\s*20\d\d|Quadro)\b", re.I)
+# (name pattern, dense bf16/fp16 tensor TFLOP/s, memory GB as sold, bf16) from the vendors' data
+# sheets; the first pattern that matches a device name wins, so the specific ones come first.
+GPU_TABLE = (
+    (r"GB200", 2500, 186, True),
+    (r"B200", 2250, 180, True),
+    (r"B100", 1750, 192, True),
+    (r"GH200", 989, 96, True),
+    (r"H200", 989, 141, True),
+    (r"H100\s*PCIe", 756, 80, True),
+    (r"H100\s*NVL", 835, 94, True),
+    (r"H100", 989, 80, True),
+    (r"H800\s*PCIe", 756, 80, True),
+    (r"H800", 989, 80, True),
+    (r"H20\b", 148, 96, True),
+    (r"A100", 312, 80, True),
+    (r"A800", 312, 80, True),
+    (r"L40S", 362, 48, True),
+    (r"L40\b", 181, 48, True),
+    (r"L20\b", 119.5, 48, True),
+    (r"L4\b", 121, 24, True),
+    (r"A40\b", 150, 48, True),
+    (r"A30\b", 165, 24, True),
+    (r"A10G", 70, 24, True),
+    (r"A10\b", 125, 24, True),
+    (r"A6000", 155, 48, True),
+    (r"V100", 125, 32, False),
+    (r"T4\b", 65, 16, False),
+)
+
+# bf16 needs compute capability 8.0 (Ampere) or newer: for names outside the table.
+_BF16_NAMES = re.compile(r"\b(A16|A2|A[4-6]000|RTX\s*(30|40|50)\d\d|RTX\s*(PRO|\d+\s*Ada))\b", re.I)
+_NO_BF16_NAMES = re.compile(r"\b(P100|P40|P4|K80|M60|TITAN\s*V|RTX\s*20\d\d|Quadro)\b", re.I)
+
+
+def gpu_spec(name):
+    """{"peak_tflops", "memory_gb", "bf16"} of the table's GPU that `name` (as nvidia-smi or the
+    inventory says it) is, or None for a GPU the table does not know."""
+    for pattern, tflops, memory_gb, bf16 in GPU_TABLE:
+        if name and re.search(pattern, name, re.I):
+            return {"peak_tflops": tflops, "memory_gb": memory_gb, "bf16": bf16}
+    return None
 
 
 class GpuFactsError(Exception):
@@ -27,11 +62,11 @@ def parse_nvidia_smi(text):
             continue
         fields = [f.strip() for f in line.split(",")]
         if len(fields) < 3:
-            raise GpuFactsError("unexpected nvidia-smi line: %r" % line)
+            raise GpuFactsError(f"unexpected nvidia-smi line: {line!r}")
         try:
             gpu = {"index": int(fields[0]), "name": fields[1], "memory_mib": int(float(fields[2]))}
         except ValueError:
-            raise GpuFactsError("unexpected nvidia-smi line: %r" % line)
+            raise GpuFactsError(f"unexpected nvidia-smi line: {line!r}")
         if len(fields) > 3 and re.match(r"^\d+\.\d+$", fields[3]):
             gpu["compute_capability"] = fields[3]
         gpus.append(gpu)
@@ -44,6 +79,9 @@ def supports_bf16(gpu_model=None, compute_capability=None):
         major = int(str(compute_capability).split(".")[0])
         return major >= 8
     if gpu_model:
+        spec = gpu_spec(gpu_model)
+        if spec:
+            return spec["bf16"]
         if _NO_BF16_NAMES.search(gpu_model):
             return False
         if _BF16_NAMES.search(gpu_model):

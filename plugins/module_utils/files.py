@@ -1,4 +1,3 @@
-# -*- coding: utf-8 -*-
 """Atomic, idempotent file writes shared by the deepspeed_* modules (stdlib only).
 
 write_file() compares the wanted bytes and mode with what is on disk, reports honestly whether
@@ -6,7 +5,6 @@ anything would change, and writes through a temporary file in the same directory
 os.replace(), so a failed or interrupted run never leaves a half-written file behind.
 """
 
-from __future__ import absolute_import, division, print_function
 
 import os
 import stat
@@ -21,7 +19,7 @@ def _read(path):
     try:
         with open(path, "rb") as fd:
             return fd.read()
-    except (IOError, OSError):
+    except OSError:
         return None
 
 
@@ -48,9 +46,9 @@ def write_file(path, content, mode=0o644, check_mode=False):
             # A check run before the directory is created: the file would be new.
             return {"changed": True, "diff": {"before_header": path, "after_header": path, "before": "",
                                               "after": _text(content)}}
-        raise FileWriteError("directory %s does not exist (create it first)" % directory)
+        raise FileWriteError(f"directory {directory} does not exist (create it first)")
     if os.path.isdir(path):
-        raise FileWriteError("%s is a directory" % path)
+        raise FileWriteError(f"{path} is a directory")
     before = _read(path)
     current_mode = None
     if before is not None:
@@ -99,4 +97,4 @@ def parse_mode(value, default=0o644):
     try:
         return int(text, 8)
     except ValueError:
-        raise FileWriteError("mode %r is not an octal number like '0644'" % (value,))
+        raise FileWriteError(f"mode {value!r} is not an octal number like '0644'")
