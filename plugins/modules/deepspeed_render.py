@@ -111,6 +111,10 @@ config:
   description: The content of C(ds_config.json).
   returned: success
   type: dict
+ds_config_json:
+  description: The text of C(ds_config.json), to put the same file on every node.
+  returned: success
+  type: str
 env:
   description: The variables of C(.deepspeed_env), in file order.
   returned: success
@@ -196,7 +200,8 @@ def main():
     for warning in rendered.warnings:
         module.warn(warning)
     result = dict(changed=changed, plan=rendered.plan.as_dict(), summary=rendered.summary, argv=rendered.argv,
-                  config=json.loads(rendered.files["ds_config.json"]), env=rendered.env, hosts=rendered.hosts,
+                  config=json.loads(rendered.files["ds_config.json"]),
+                  ds_config_json=rendered.files["ds_config.json"], env=rendered.env, hosts=rendered.hosts,
                   master_address=rendered.hosts[0]["address"], files=paths)
     if module._diff:
         result["diff"] = diffs

@@ -1,0 +1,34 @@
+"""Filters of the job's side: one node as the render and the preflight take it."""
+
+from .cluster import cluster_address
+
+# A node's hardware: the fact gpu_facts gathered on it, else the inventory's declaration.
+HARDWARE = (
+    ("gpu_count", "ds_gpu_count", None),
+    ("gpu_model", "ds_gpu_model", "gpu_model"),
+    ("gpu_memory_gb", "ds_gpu_memory_gb", "gpu_memory_gb"),
+    ("bf16", "ds_gpu_bf16", "gpu_bf16"),
+    ("compute_capability", "ds_gpu_compute_capability", None),
+    ("host_memory_gb", "ds_host_memory_gb", "host_memory_gb"),
+    ("cpu_cores", "ds_cpu_count", "cpu_cores"),
+    ("interface", "ds_cluster_interface", "cluster_interface"),
+)
+
+
+def job_node(hostvars):
+    """One host: name, address (cluster_address), slots (the inventory's gpus) and its hardware.
+    Takes one host's hostvars: ``groups.cluster | map('extract', hostvars) | map('dsmesh.cluster.job_node')``."""
+    node = {"name": str(hostvars.get("inventory_hostname")), "address": cluster_address(hostvars),
+            "slots": hostvars.get("gpus")}
+    gathered = hostvars.get("ds_gpu_count") is not None  # what the node reported beats any declaration
+    for key, fact, declared in HARDWARE:
+        value = hostvars.get(fact)
+        if value is None and declared and not gathered:
+            value = hostvars.get(declared)
+        node[key] = value
+    return node
+
+
+class FilterModule:
+    def filters(self):
+        return {"job_node": job_node}
