@@ -36,11 +36,11 @@ build_image() {
   local rootfs
   rootfs=$(mktemp -d /var/tmp/dsmesh-rootfs.XXXXXX)
   log "building $IMAGE with debootstrap (about a minute)"
-  # minbase plus what an installed server has: sshd, python3 for Ansible, systemd, and perl
+  # minbase plus what an installed server has: sshd, python3 for Ansible, systemd, rsync and perl
   # (Debian's installer puts it in with "standard system utilities", Ubuntu Server has it, and
   # pdsh's dshbak needs it); the pdsh role installs it where a node lacks it.
   debootstrap --variant=minbase \
-    --include=perl,python3,python3-apt,openssh-server,openssh-client,sudo,iproute2,ca-certificates,procps,systemd,systemd-sysv,dbus \
+    --include=perl,rsync,python3,python3-apt,openssh-server,openssh-client,sudo,iproute2,ca-certificates,procps,systemd,systemd-sysv,dbus \
     bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
   # Every node must generate its own host keys at first boot, not share the image's.
   rm -f "$rootfs"/etc/ssh/ssh_host_*
