@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from ansible_collections.dsmesh.cluster.plugins.module_utils.trainer_fields import get_path, is_set, trainer_values
 
 
 class ConfigError(ValueError):
@@ -177,19 +178,6 @@ def explicit_names(argv):
     return names
 
 
-def _get(config, dotted):
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _is_set(value):
-    return value is not None and value != "auto"
-
-
 def load_ds_config(value):
     if value is None:
         return None
@@ -207,58 +195,39 @@ def load_ds_config(value):
 
 
 def zero_stage(ds_config):
-    return int(_get(ds_config, "zero_optimization.stage") or 0) if ds_config else None
+    return int(get_path(ds_config, "zero_optimization.stage") or 0) if ds_config else None
 
 
 def reconcile_with_ds_config(ds_config, given, world_size):
     """Arguments to add so TrainingArguments match the DeepSpeed config, and the config to use.
 
     `given`: explicitly passed argument values (name -> raw value or True). Returns (extra argv,
-    config). Explicit arguments are left alone; TrainingArguments then records any disagreement
-    and check_ds_mismatches() reports it before the model is loaded."""
-    extra = {}
+    config). Every TrainingArguments value the config fixes (the one table, trainer_fields) is taken
+    from it unless given; given ones are left alone: TrainingArguments then records any
+    disagreement and check_ds_mismatches() reports it before the model is loaded."""
     cfg = json.loads(json.dumps(ds_config))  # private copy
-
-    def adopt(ds_key, arg, convert=lambda v: v):
-        v = _get(cfg, ds_key)
-        if _is_set(v) and arg not in given:
-            extra[arg] = convert(v)
-
-    micro, accum, total = (_get(cfg, k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    extra = {name: value for name, value in trainer_values(cfg).items() if name not in given}
+    micro, accum, total = (get_path(cfg, k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                                    "train_batch_size"))
-    adopt("train_micro_batch_size_per_gpu", "per_device_train_batch_size", int)
-    adopt("gradient_accumulation_steps", "gradient_accumulation_steps", int)
     # DeepSpeed lets train_batch_size stand in for one of the other two; work that one out.
-    if _is_set(total):
-        if _is_set(micro) and not _is_set(accum) and "gradient_accumulation_steps" not in given:
+    if is_set(total):
+        if is_set(micro) and not is_set(accum) and "gradient_accumulation_steps" not in given:
             if total % (micro * world_size):
                 raise ConfigError(f"DeepSpeed config: train_batch_size {total} is not a multiple of "
                                   f"train_micro_batch_size_per_gpu {micro} x world size {world_size}")
             extra["gradient_accumulation_steps"] = total // (micro * world_size)
-        elif _is_set(accum) and not _is_set(micro) and "per_device_train_batch_size" not in given:
+        elif is_set(accum) and not is_set(micro) and "per_device_train_batch_size" not in given:
             if total % (accum * world_size):
                 raise ConfigError(f"DeepSpeed config: train_batch_size {total} is not a multiple of "
                                   f"gradient_accumulation_steps {accum} x world size {world_size}")
             extra["per_device_train_batch_size"] = total // (accum * world_size)
-        m = extra.get("per_device_train_batch_size", micro if _is_set(micro) else None)
-        a = extra.get("gradient_accumulation_steps", accum if _is_set(accum) else None)
+        m = extra.get("per_device_train_batch_size", micro if is_set(micro) else None)
+        a = extra.get("gradient_accumulation_steps", accum if is_set(accum) else None)
         if m is not None and a is not None and "per_device_train_batch_size" not in given \
                 and "gradient_accumulation_steps" not in given and m * a * world_size != total:
             raise ConfigError(f"DeepSpeed config: train_batch_size {total} != train_micro_batch_size_per_gpu {m} "
                               f"x gradient_accumulation_steps {a} x world size {world_size} = {m * a * world_size} "
                               "(was it made for another number of ranks?)")
-    adopt("gradient_clipping", "max_grad_norm", float)
-    adopt("bf16.enabled", "bf16", bool)
-    adopt("fp16.enabled", "fp16", bool)
-    adopt("optimizer.params.lr", "learning_rate", float)
-    adopt("optimizer.params.weight_decay", "weight_decay", float)
-    adopt("optimizer.params.eps", "adam_epsilon", float)
-    betas = _get(cfg, "optimizer.params.betas")
-    if isinstance(betas, list) and len(betas) == 2:
-        if "adam_beta1" not in given:
-            extra["adam_beta1"] = float(betas[0])
-        if "adam_beta2" not in given:
-            extra["adam_beta2"] = float(betas[1])
 
     # Offloading the optimizer needs DeepSpeed's own (CPU) Adam: HF only builds that from an
     # "optimizer" section, so add one that takes its values from the arguments.
@@ -374,7 +343,7 @@ MASTER_WEIGHTS = ("fp32", "none")
 
 
 def deepcompile_in_config(ds_config):
-    return bool(_get(ds_config, "compile.deepcompile")) if ds_config else False
+    return bool(get_path(ds_config, "compile.deepcompile")) if ds_config else False
 
 
 def check_speed_options(model_args, training_args, ds_config, ds_source="the DeepSpeed config"):
