@@ -394,12 +394,12 @@ def check_master_weights(model_args, training_args, ds_config):
     if choice not in MASTER_WEIGHTS:
         raise ConfigError(f"--master_weights must be fp32 or none, got {choice!r}")
     if choice == "none":
-        if not (training_args.bf16 or training_args.fp16):
-            raise ConfigError("--master_weights none (16-bit weights updated in 16 bits) needs --bf16 true or "
-                              "--fp16 true; in fp32 precision the weights are fp32 anyway")
         if ds_config is not None:
             raise ConfigError("--master_weights none is for the torch engine only: DeepSpeed's bf16/fp16 modes "
                               "always keep fp32 master weights; drop the flag or --deepspeed")
+        if not (training_args.bf16 or training_args.fp16):
+            raise ConfigError("--master_weights none (16-bit weights updated in 16 bits) needs --bf16 true or "
+                              "--fp16 true; in fp32 precision the weights are fp32 anyway")
 
 
 def checkpointing_enabled(training_args):

@@ -72,6 +72,11 @@ PRESETS = {
     },
 }
 
+# The 32B shape cut to 8 of its 64 layers (5.46B parameters): the 32B model's per-layer work and
+# memory on one GPU (GPU benchmark W4).
+PRESETS["deepseek-r1-distill-qwen-32b-8layers"] = dict(PRESETS["deepseek-r1-distill-qwen-32b"], num_hidden_layers=8,
+                                                       max_window_layers=8)
+
 LETTERS = "abcdefghijklmnop"
 
 

@@ -130,3 +130,55 @@ def test_argument_errors(argv, message):
 def test_speed_option_errors(extra, message):
     with pytest.raises(ConfigError, match=message):
         build(BASE + extra)
+
+
+DEEPCOMPILE = dict(PLANNED, compile={"deepcompile": True})
+
+
+@pytest.mark.parametrize("config, extra, message", [
+    (PLANNED, ["--compile", "deepcompile"], r'--compile deepcompile needs "compile": \{"deepcompile": true\} in .*ds.json'),
+    (DEEPCOMPILE, [], r'ds.json turns DeepCompile on .* but --compile is none: pass --compile deepcompile'),
+    (DEEPCOMPILE, ["--compile", "torch"], "but --compile is torch"),
+    (PLANNED, ["--compile", "regions"], "does not work with ZeRO-3 .* use --compile deepcompile"),
+    (PLANNED, ["--compile_regions", "true"], "does not work with ZeRO-3"),
+    (DEEPCOMPILE, ["--compile", "deepcompile", "--compile_regions", "true"], "disagree: give --compile alone"),
+    (DEEPCOMPILE, ["--compile", "deepcompile", "--torch_compile", "true"], "choose one"),
+    (None, ["--compile", "deepcompile"], "compiles the DeepSpeed engine and needs --deepspeed"),
+    (None, ["--compile", "fast"], "must be one of regions, deepcompile, torch, none"),
+    (None, ["--master_weights", "bf16"], "must be fp32 or none"),
+    (None, ["--master_weights", "none", "--bf16", "false"], "needs --bf16 true or --fp16 true"),
+    (PLANNED, ["--master_weights", "none"], "DeepSpeed's bf16/fp16 modes always keep fp32 master weights"),
+])
+def test_compile_and_master_weight_refusals(tmp_path, config, extra, message):
+    argv = BASE + extra + (["--deepspeed", ds_file(tmp_path, config)] if config else [])
+    with pytest.raises(ConfigError, match=message):
+        build(argv)
+
+
+def test_compile_choices_that_work(tmp_path):
+    model_args, *_ = build(BASE + ["--compile_regions", "true"])  # the old spelling
+    assert model_args.compile == "regions"
+    model_args, *_ = build(BASE + ["--compile", "deepcompile", "--deepspeed", ds_file(tmp_path, DEEPCOMPILE)])
+    assert model_args.compile == "deepcompile" and model_args.master_weights == "fp32"
+    model_args, *_ = build(BASE + ["--compile", "torch", "--deepspeed", ds_file(tmp_path, PLANNED)])
+    assert model_args.compile == "torch"
+
+
+def test_engine_compile_choice(monkeypatch):
+    """What runs for --compile deepcompile|torch (the line the package logs says why). DeepSpeed's own
+    test for DeepCompile (CUDA, torch >= 2.6) is stood in for to reach the CUDA branches here."""
+    import deepspeed.compile.util as dc_util
+
+    from train.trainer import choose_engine_compile
+
+    assert choose_engine_compile("deepcompile", 3, cuda=False)[0] == "none"
+    assert "CPU run" in choose_engine_compile("torch", 3, cuda=False)[1]
+    assert choose_engine_compile("regions", 0, cuda=False)[0] == "none"
+    monkeypatch.setattr(dc_util, "is_deepcompile_supported", lambda: True)
+    assert choose_engine_compile("deepcompile", 3, cuda=True)[0] == "deepcompile"
+    assert choose_engine_compile("deepcompile", 1, cuda=True)[0] == "deepcompile"
+    assert choose_engine_compile("deepcompile", 0, cuda=True) == ("torch", "DeepCompile supports ZeRO 1-3, this plan "
+                                                                            "is ZeRO-0")
+    assert choose_engine_compile("torch", 3, cuda=True)[0] == "torch"
+    monkeypatch.setattr(dc_util, "is_deepcompile_supported", lambda: False)
+    assert choose_engine_compile("deepcompile", 3, cuda=True)[0] == "torch"

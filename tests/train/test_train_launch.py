@@ -26,12 +26,13 @@ def free_port():
         return str(s.getsockname()[1])
 
 
-def ds_config(tmp, stage):
-    path = tmp / f"ds_zero{stage}.json"
-    path.write_text(json.dumps({
-        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 4,
-        "zero_optimization": {"stage": stage}, "bf16": {"enabled": False}, "gradient_clipping": 1.0,
-    }))
+def ds_config(tmp, stage, deepcompile=False):
+    path = tmp / f"ds_zero{stage}{'_deepcompile' if deepcompile else ''}.json"
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 4,
+              "zero_optimization": {"stage": stage}, "bf16": {"enabled": False}, "gradient_clipping": 1.0}
+    if deepcompile:
+        config["compile"] = {"deepcompile": True}  # what the planner writes for --compile deepcompile
+    path.write_text(json.dumps(config))
     return str(path)
 
 
@@ -98,11 +99,13 @@ def lora2_torchrun(work, tiny_dir):
 
 @pytest.fixture(scope="module")
 def crashed_and_resumed(work, tiny_dir):
-    """Same run as `zero3`, rank 0 SIGKILLed after checkpoint-20 is written but before it is marked."""
+    """Same run as `zero3`, rank 0 SIGKILLed after checkpoint-20 is written but before it is marked.
+    It asks for DeepCompile (config and flag, as a GPU plan would), which runs eager on the CPU."""
     out = work / "crash"
-    crashed = launch(tiny_dir, out, ds_config(work, 3), fault="kill_before_mark:20")
+    config, flag = ds_config(work, 3, deepcompile=True), ["--compile", "deepcompile"]
+    crashed = launch(tiny_dir, out, config, flag, fault="kill_before_mark:20")
     state = {name: (out / name / "checkpoint_complete.json").exists() for name in ("checkpoint-10", "checkpoint-20")}
-    resumed = ok(launch(tiny_dir, out, ds_config(work, 3)))
+    resumed = ok(launch(tiny_dir, out, config, flag))
     return out, crashed, state, resumed
 
 
@@ -130,6 +133,9 @@ def test_zero2_full_fine_tune_learns_and_reports(zero2, tiny_dir):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert all((out / f"checkpoint-{s}" / "checkpoint_complete.json").exists() for s in (10, 20, 30))
     assert f"step {STEPS}/{STEPS} | loss" in proc.stdout and "done: 30 steps" in proc.stdout
+    assert "compile: none (eager, as asked)" in proc.stdout and "weights: fp32 (fp32 precision" in proc.stdout
+    phase = json.loads((out / "phase.json").read_text())
+    assert phase["phase"] == "done" and phase["step"] == STEPS
 
 
 def test_zero3_gives_the_same_losses_as_zero2(zero2, zero3):
@@ -210,6 +216,10 @@ def test_killed_mid_save_then_restarted_matches_the_uninterrupted_run(crashed_an
     run = json.loads((out / "run.json").read_text())
     assert [s["resumed_from"] for s in run["starts"]] == [None, "checkpoint-10"]
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 10
+    # DeepCompile was asked for: on the CPU the engine runs eager, and one line says so
+    assert "compile: none (--compile deepcompile asked, but this is a CPU run" in resumed.stdout
+    phase = json.loads((out / "phase.json").read_text())
+    assert phase["phase"] == "done" and phase["step"] == STEPS
 
 
 def run_cli(args):
@@ -244,9 +254,11 @@ def test_one_gpu_plan_path_compiled_layers_and_partial_checkpointing(tiny_dir, t
               "--save_final_model", "false", "--seed", "1", "--lora", "--lora_dropout", "0",
               "--per_device_train_batch_size", "4", "--optim", "adamw_torch_fused"]
     eager = ok(run_cli(common + ["--output_dir", str(tmp_path / "eager")]))
-    compiled = ok(run_cli(common + ["--output_dir", str(tmp_path / "compiled"), "--compile_regions", "true",
+    compiled = ok(run_cli(common + ["--output_dir", str(tmp_path / "compiled"), "--compile", "regions",
                                     "--gradient_checkpointing", "true", "--checkpoint_layers", "1"]))
-    assert "compiled" in compiled.stdout + compiled.stderr
+    log = compiled.stdout + compiled.stderr
+    assert "compile: regions (each decoder layer and the loss" in log and "compile caches " in log
+    assert "compiling (0s)" in log and "compiled and ran the first step in" in log
     assert "gradient checkpointing on 1 decoder layer(s)" in compiled.stdout + compiled.stderr
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
