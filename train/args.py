@@ -53,9 +53,18 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: list[str] | None = field(default=None, metadata={
-        "help": "Training JSONL file(s): text, prompt/completion or messages per line (repeat the flag, "
-                "list several, or separate with commas)."})
-    eval_dataset: list[str] | None = field(default=None, metadata={"help": "Evaluation JSONL file(s)."})
+        "help": "Training data file(s), local: .jsonl, .json, .parquet or .arrow, one of TRL's SFT forms per row "
+                "(text; prompt/completion as text or as messages; messages). Repeat the flag, list several, or "
+                "separate with commas."})
+    eval_dataset: list[str] | None = field(default=None, metadata={"help": "Evaluation data file(s), as --dataset."})
+    dataset_text_field: str = field(default="text", metadata={
+        "help": "The column holding plain text to train on every token of (TRL's dataset_text_field)."})
+    completion_only_loss: bool = field(default=True, metadata={
+        "help": "Prompt-completion rows: loss on the completion only; false: on the prompt as well (TRL's "
+                "completion_only_loss)."})
+    assistant_only_loss: bool = field(default=True, metadata={
+        "help": "Chats: loss on the assistant turns only; false: on every token of the chat, the system and user "
+                "turns and the template's markup too (TRL's assistant_only_loss, which defaults to false there)."})
     eval_split_ratio: float = field(default=0.0, metadata={
         "help": "Hold out this fraction of the training examples for evaluation."})
     max_seq_length: int = field(default=2048, metadata={

@@ -1,20 +1,34 @@
-"""JSONL data for supervised fine-tuning: parsing, tokenisation with loss masks, packing, batching.
+"""Training data for supervised fine-tuning: local files, checked row by row, tokenised with loss
+masks, packed and batched.
 
-One JSON object per line, in one of three forms (other keys are ignored):
-  {"text": "..."}                                   loss on every token
-  {"prompt": "...", "completion": "..."}            loss on the completion (and EOS) only
+Files: JSON Lines (.jsonl) and JSON (.json: a list of objects, or JSON Lines), read with Python's
+json; parquet (.parquet) and Arrow (.arrow: a shard `Dataset.save_to_disk` writes, or an Arrow IPC
+file), read through Hugging Face `datasets`. Nothing from a hub.
+Each row has one of TRL's SFT forms (other keys are ignored; a null column counts as absent, and in
+parquet and Arrow files, which cannot tell a null from a missing key, so does a null in a message):
+  {"text": "..."}                                   language modeling: loss on every token
+                                                    (--dataset_text_field names another column)
+  {"prompt": "...", "completion": "..."}            prompt-completion: loss on the completion (and EOS)
   {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
-                                                    rendered with the tokenizer's chat template,
-                                                    loss on the assistant turns only
+                                                    conversational: rendered with the tokenizer's
+                                                    chat template, loss on the assistant turns
+  {"prompt": [messages], "completion": [messages]}  conversational prompt-completion: loss on the
+                                                    completion's assistant turns
+Chats may carry TRL's `tools` column (tool schemas, or a JSON string of them) for the template.
+`--completion_only_loss false` trains the prompt as well; `--assistant_only_loss false` trains
+every token of a chat (TRL's switches, with this package's defaults: both on).
 """
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import random
-from dataclasses import dataclass, field
+import re
+import tempfile
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -24,22 +38,28 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # Stands in for an assistant message's content to see how a chat template wraps it.
 _SENTINEL = "\ue000SFT-CONTENT\ue001"
+# File suffix -> what reads it: Python's json, or the `datasets` builder of that name.
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+# Columns with a meaning of their own, so none of them can be the text column.
+RESERVED_COLUMNS = ("prompt", "completion", "messages")
 
 
 class DataError(ValueError):
-    """A problem with the training data, named by file and line."""
+    """A problem with the training data, named by file and line (or row)."""
 
 
 @dataclass
 class Record:
     source: str
-    line: int
-    kind: str  # "text" | "prompt" | "messages"
+    line: int  # 1-based: the line of a JSON Lines file, else the row
+    kind: str  # "text" | "prompt" | "messages" | "chat_prompt" (conversational prompt-completion)
     data: dict
+    unit: str = "line"  # "line" or "row"
+    text_field: str = "text"  # the column holding a "text" record's text
 
     @property
     def where(self):
-        return f"{self.source}:{self.line}"
+        return f"{self.source}:{self.line}" if self.unit == "line" else f"{self.source} row {self.line}"
 
 
 @dataclass
@@ -57,7 +77,7 @@ class DataStats:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing
+# Checking rows
 
 
 def _check_str(obj, key, where, allow_empty=True):
@@ -68,73 +88,243 @@ def _check_str(obj, key, where, allow_empty=True):
         raise DataError(f"{where}: '{key}' is empty")
 
 
-def parse_record(obj, source, line):
-    """Check one decoded JSON line and say which form it has."""
-    where = f"{source}:{line}"
+def _check_messages(messages, key, where):
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: '{key}' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise DataError(f"{where}: {key}[{i}] must be an object with a string 'role'")
+        # an assistant turn that calls tools may have no text (TRL's tool-calling format)
+        tool_call = m["role"] == "assistant" and isinstance(m.get("tool_calls"), list) and m["tool_calls"]
+        if not isinstance(m.get("content"), str) and not (tool_call and m.get("content") is None):
+            raise DataError(f"{where}: {key}[{i}] ({m['role']}) needs a string 'content'")
+
+
+def _check_tools(obj, where):
+    tools = obj.get("tools")
+    if tools is None:
+        return
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: 'tools' is a string but not JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: 'tools' must be a list of tool schemas (objects), or a JSON string of one")
+
+
+def record_kind(obj, where, text_field="text"):
+    """Check one row and say which form it has."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    forms = [k for k in ("text", "prompt", "messages") if k in obj]
+    forms = [k for k in (text_field, "prompt", "messages") if k in obj]
     if "completion" in obj and "prompt" not in obj:
         raise DataError(f"{where}: 'completion' without 'prompt'")
     if len(forms) != 1:
         if not forms:
-            raise DataError(f"{where}: needs one of 'text', 'prompt'+'completion' or 'messages' "
+            raise DataError(f"{where}: needs one of '{text_field}', 'prompt'+'completion' or 'messages' "
                             f"(found keys: {', '.join(sorted(obj)) or 'none'})")
-        raise DataError(f"{where}: has several of 'text', 'prompt', 'messages'; use one per line")
-    kind = forms[0]
-    if kind == "text":
-        _check_str(obj, "text", where, allow_empty=False)
-    elif kind == "prompt":
+        raise DataError(f"{where}: has several of '{text_field}', 'prompt', 'messages'; use one per row")
+    form = forms[0]
+    if form == text_field:
+        _check_str(obj, text_field, where, allow_empty=False)
+        return "text"
+    if form == "prompt":
         if "completion" not in obj:
             raise DataError(f"{where}: 'prompt' without 'completion'")
-        _check_str(obj, "prompt", where)
-        _check_str(obj, "completion", where)
-    else:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise DataError(f"{where}: messages[{i}] must be an object with a string 'role'")
-            if not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: messages[{i}] ({m['role']}) needs a string 'content'")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: 'messages' has no assistant message, so nothing to learn")
-    return Record(source, line, kind, obj)
+        prompt, completion = obj["prompt"], obj["completion"]
+        if not isinstance(prompt, list) and not isinstance(completion, list):
+            _check_str(obj, "prompt", where)
+            _check_str(obj, "completion", where)
+            return "prompt"
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            raise DataError(f"{where}: 'prompt' is a {type(prompt).__name__} and 'completion' a "
+                            f"{type(completion).__name__}: both must be text, or both lists of messages "
+                            "(conversational prompt-completion)")
+        _check_messages(prompt, "prompt", where)
+        _check_messages(completion, "completion", where)
+        if not any(m["role"] == "assistant" for m in completion):
+            raise DataError(f"{where}: 'completion' has no assistant message, so nothing to learn")
+        _check_tools(obj, where)
+        return "chat_prompt"
+    _check_messages(obj["messages"], "messages", where)
+    if not any(m["role"] == "assistant" for m in obj["messages"]):
+        raise DataError(f"{where}: 'messages' has no assistant message, so nothing to learn")
+    _check_tools(obj, where)
+    return "messages"
 
 
-def read_jsonl(path):
-    """All records of one JSONL file and the sha256 of its bytes; blank lines are skipped."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: dataset file not found")
+def check_text_field(text_field):
+    if not text_field or text_field in RESERVED_COLUMNS:
+        raise DataError(f"--dataset_text_field must name the plain-text column, not "
+                        f"{text_field or 'nothing'!r} ({', '.join(RESERVED_COLUMNS)} have their own meaning)")
+
+
+def _without_nulls(value):
+    """Columnar files give every row every column (null where a row had none) and every message
+    every key any message had: drop the nulls so each row reads as it was written (a null written
+    on purpose inside a parquet or Arrow row goes too)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def looks_like_hub_id(name):
+    """'org/name' with no path of that name: someone expected a download from a hub."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def _builder(path):
+    """What reads a local file (a FORMATS value), or a DataError saying what to give instead."""
+    if not os.path.exists(path):
+        hint = ""
+        if looks_like_hub_id(path) and os.path.splitext(path)[1].lower() not in FORMATS:
+            hint = " (a hub name? datasets must be local files here: download it and pass its files)"
+        raise DataError(f"{path}: dataset file not found{hint}")
+    if os.path.isdir(path):
+        # a save_to_disk directory: its .arrow shards, not its metadata
+        inside = sorted(n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in FORMATS
+                        and n not in ("dataset_info.json", "state.json", "dataset_dict.json"))
+        found = f", e.g. {os.path.join(path, inside[0])} (1 of {len(inside)})" if inside else ""
+        raise DataError(f"{path}: is a directory; pass the data files in it ({', '.join(FORMATS)}){found}")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in FORMATS:
+        raise DataError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; "
+                        f"give {', '.join(FORMATS)} files")
+    return FORMATS[suffix]
+
+
+def _json_rows(path):
+    """(position, object) per row of a JSON Lines file (position: the line; blank lines skipped) or
+    of a JSON file holding a list of rows (position: the row), the unit, and the sha256 of the bytes.
+
+    Python's json, not datasets' JSON builder: that one types columns with pyarrow, and a column
+    holding text in some rows and messages in others comes back with strings that parse as JSON
+    replaced by their value (" 12" -> 12, '"a"' -> 'a'), ints turned floats beside floats, and no
+    line numbers for errors."""
     digest = hashlib.sha256()
-    records = []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        head = f.read(4096)
+        f.seek(0)
+        if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):  # one JSON list
+            raw = f.read()
             digest.update(raw)
-            if not raw.strip():
+            try:
+                rows = json.loads(raw.decode("utf-8-sig"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            return list(enumerate(rows, start=1)), "row", digest.hexdigest()
+        rows = []
+        for lineno, line in enumerate(f, start=1):  # line by line: a large file is never whole in memory
+            digest.update(line)
+            if not line.strip():
                 continue
             try:
-                text = raw.decode("utf-8").rstrip("\r\n")
+                text = line.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start})") from None
             try:
-                obj = json.loads(text)
+                rows.append((lineno, json.loads(text)))
             except json.JSONDecodeError as e:
+                if lineno == 1 and _one_json_object(path):
+                    raise DataError(f"{path}: holds one JSON object, not rows: give JSON Lines (one object per "
+                                    "line) or a JSON list of objects") from None
                 raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-            records.append(parse_record(obj, path, lineno))
-    if not records:
+    return rows, "line", digest.hexdigest()
+
+
+def _one_json_object(path):
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return isinstance(json.load(f), dict)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars or error lines from `datasets`: this module reports problems itself."""
+    import datasets
+    from datasets.utils.tqdm import are_progress_bars_disabled
+
+    bars_were_on = not are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    ds_logger = logging.getLogger("datasets")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        ds_logger.setLevel(level)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _columnar_rows(path, builder):
+    """(row, object) per row of a parquet or Arrow file, read into memory by the `datasets` builder
+    for its format (as Dataset.from_parquet does; load_dataset would also ask a hub to count the
+    load), and the sha256 of the bytes. The builder's cache lives in a temporary directory for the
+    length of the call: nothing in ~/.cache on the nodes."""
+    from datasets.packaged_modules.arrow.arrow import Arrow
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    try:
+        with _quiet_datasets(), tempfile.TemporaryDirectory(prefix="dsmesh-datasets-") as cache:
+            reader = {"parquet": Parquet, "arrow": Arrow}[builder](cache_dir=cache,
+                                                                    data_files={"train": [os.path.abspath(path)]})
+            reader.download_and_prepare()
+            rows = reader.as_dataset(split="train", in_memory=True).to_list()
+    except Exception as e:  # pyarrow's and datasets' own errors: whatever they say is the reason
+        raise DataError(f"{path}: cannot be read as {builder} data: {type(e).__name__}: {e}") from None
+    return [(i, _without_nulls(row)) for i, row in enumerate(rows, start=1)], digest.hexdigest()
+
+
+def read_dataset(path, text_field="text"):
+    """All records of one local data file and the sha256 of its bytes.
+
+    Errors name the file and the line (JSON Lines) or row (JSON lists, parquet, Arrow)."""
+    builder = _builder(path)
+    if builder == "json":
+        rows, unit, digest = _json_rows(path)
+    else:
+        (rows, digest), unit = _columnar_rows(path, builder), "row"
+    if not rows:
         raise DataError(f"{path}: no records")
-    return records, digest.hexdigest()
+    records = []
+    for position, row in rows:
+        if isinstance(row, dict):  # a null column is an absent one (pandas writes nulls for them)
+            row = {k: v for k, v in row.items() if v is not None}
+        record = Record(path, position, "", row, unit, text_field)
+        record.kind = record_kind(row, record.where, text_field)
+        records.append(record)
+    return records, digest
 
 
 # ---------------------------------------------------------------------------------------------
 # Tokenisation
 
 
-def _render(tokenizer, messages, add_generation_prompt, where):
+def _tools(data):
+    tools = data.get("tools")
+    return json.loads(tools) if isinstance(tools, str) else tools
+
+
+def _render(tokenizer, messages, add_generation_prompt, where, tools=None):
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             tools=tools)
     except Exception as e:  # jinja errors: raise_exception() in the template, bad roles, ...
         raise DataError(f"{where}: chat template failed: {e}") from None
 
@@ -147,25 +337,36 @@ def _common_prefix_len(a, b):
     return i
 
 
-def chat_segments(tokenizer, messages, where):
+def chat_segments(tokenizer, messages, where, completion_start=0, assistant_only=True, tools=None):
     """Split a rendered conversation into (text, trainable) pieces.
 
+    Trained: the assistant turns from message `completion_start` on (a conversational
+    prompt-completion's completion starts after its prompt), or with `assistant_only` off every
+    token from there on, i.e. after the generation prompt inference would end the prompt with.
     Each assistant turn is trained as the continuation of the generation prompt that inference
     would use. If the template renders every conversation prefix as a prefix of the whole
     (ChatML, Llama 3, ...), all assistant turns are trained in one sequence. Templates that render
     history differently (DeepSeek-R1's drops earlier reasoning and ends the generation prompt in
     '<think>\\n') can only train the final assistant turn; the second value says that happened.
     """
+    def render(msgs, add_generation_prompt):
+        return _render(tokenizer, msgs, add_generation_prompt, where, tools)
+
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    full = _render(tokenizer, messages, False, where)
+    trained_turns = [i for i in assistant_turns if i >= completion_start]
+    full = render(messages, False)
     spans = []
-    for i in assistant_turns:
-        prompt = _render(tokenizer, messages[:i], True, where) if i else None
-        turn = _render(tokenizer, messages[: i + 1], False, where)
+    for i in trained_turns:
+        prompt = render(messages[:i], True) if i else None
+        turn = render(messages[: i + 1], False)
         if prompt is None or not (turn.startswith(prompt) and full.startswith(turn)):
             spans = None
             break
         spans.append((len(prompt), len(turn)))
+    if spans is not None and not assistant_only:
+        # the same tokens as with assistant_only: only the labels differ
+        prompt = render(messages[:completion_start], True) if completion_start else ""
+        spans = [(len(prompt), len(full))] if full.startswith(prompt) else None
     if spans is not None:
         pieces, pos = [], 0
         for start, end in spans:
@@ -178,10 +379,10 @@ def chat_segments(tokenizer, messages, where):
         return pieces, False
 
     # Final assistant turn only: prompt = generation prompt, completion = content + turn end.
-    last = assistant_turns[-1]
+    last = trained_turns[-1]
     history = messages[:last]
-    prompt = _render(tokenizer, history, True, where) if history else ""
-    probe = _render(tokenizer, history + [{"role": "assistant", "content": _SENTINEL}], False, where)
+    prompt = render(history, True) if history else ""
+    probe = render(history + [{**messages[last], "content": _SENTINEL}], False)
     at = probe.find(_SENTINEL)
     if at < 0:
         raise DataError(f"{where}: the chat template drops the assistant content; cannot find what to train")
@@ -189,18 +390,23 @@ def chat_segments(tokenizer, messages, where):
     # What the generation prompt adds after the rendered assistant header (e.g. "<think>\n") is
     # already given to the model at inference; don't train it twice.
     forced = prompt[_common_prefix_len(prompt, probe[:at]):]
-    content = messages[last]["content"]
+    content = messages[last].get("content") or ""
     if forced and content.startswith(forced):
         content = content[len(forced):]
     elif forced.strip() and content.startswith(forced.strip()):
         content = content[len(forced.strip()):].lstrip("\n")
-    pieces = [(prompt, False)] if prompt else []
+    # with every token trained, the history is trained too (as the generation prompt renders it)
+    whole_chat = not assistant_only and completion_start == 0
+    pieces = [(prompt, whole_chat)] if prompt else []
     pieces.append((content + turn_end, True))
-    return pieces, len(assistant_turns) > 1
+    return pieces, len(trained_turns) > 1 and not whole_chat
 
 
-def tokenize_records(records, tokenizer, max_seq_length):
-    """Token ids and labels (IGNORE_INDEX where no loss) per record, truncated to max_seq_length."""
+def tokenize_records(records, tokenizer, max_seq_length, completion_only_loss=True, assistant_only_loss=True):
+    """Token ids and labels (IGNORE_INDEX where no loss) per record, truncated to max_seq_length.
+
+    completion_only_loss: prompt-completion rows train their completion only (else the prompt too);
+    assistant_only_loss: chats train their assistant turns only (else every token)."""
     eos = tokenizer.eos_token_id
     # Collect every piece of text first and tokenise them in one batch: much faster than one by one.
     texts, plans, stats = [], [], DataStats()
@@ -209,16 +415,22 @@ def tokenize_records(records, tokenizer, max_seq_length):
         plan = []  # (index into texts, trainable, add_special_tokens)
         if rec.kind == "text":
             plan.append((len(texts), True, True))
-            texts.append(d["text"])
+            texts.append(d[rec.text_field])
             plan_eos = True
         elif rec.kind == "prompt":
-            plan.append((len(texts), False, True))
+            plan.append((len(texts), not completion_only_loss, True))
             texts.append(d["prompt"])
             plan.append((len(texts), True, False))
             texts.append(d["completion"])
             plan_eos = True
         else:
-            pieces, last_only = chat_segments(tokenizer, d["messages"], rec.where)
+            if rec.kind == "messages":
+                messages, completion_start = d["messages"], 0
+            else:
+                messages = d["prompt"] + d["completion"]
+                completion_start = len(d["prompt"]) if completion_only_loss else 0
+            pieces, last_only = chat_segments(tokenizer, messages, rec.where, completion_start,
+                                              assistant_only_loss, _tools(d))
             stats.last_turn_only += int(last_only)
             for text, trainable in pieces:
                 plan.append((len(texts), trainable, False))
@@ -438,12 +650,24 @@ def check_chat_template(tokenizer, records, model_dir):
     if tokenizer.chat_template:
         return
     for rec in records:
-        if rec.kind == "messages":
+        if rec.kind in ("messages", "chat_prompt"):
+            form = "'messages'" if rec.kind == "messages" else "'prompt'/'completion' as messages"
             raise DataError(
-                f"{rec.where}: uses 'messages' but the tokenizer in {model_dir} has no chat template; "
+                f"{rec.where}: uses {form} but the tokenizer in {model_dir} has no chat template; "
                 "add one (chat_template.jinja or tokenizer_config.json), pass --chat_template FILE, "
-                "or write the data as prompt/completion"
+                "or write the data as prompt/completion text"
             )
+
+
+# The data options that change what is trained, by name: a run that sets one other than its
+# default gets it in its fingerprint (and runs left at the defaults keep the fingerprint they had).
+FINGERPRINTED_OPTIONS = ("dataset_text_field", "completion_only_loss", "assistant_only_loss")
+
+
+def data_options(data_args):
+    defaults = {f.name: f.default for f in fields(data_args)}
+    return {name: getattr(data_args, name) for name in FINGERPRINTED_OPTIONS
+            if getattr(data_args, name) != defaults[name]}
 
 
 def build_datasets(data_args, tokenizer, model_dir, seed, vocab_size):
@@ -454,13 +678,18 @@ def build_datasets(data_args, tokenizer, model_dir, seed, vocab_size):
                           trainable_tokens=len(train) * (max_len - 1))
         return Datasets(train, None, stats, None, {"synthetic": [data_args.synthetic_samples, max_len]})
 
+    text_field = data_args.dataset_text_field
+    check_text_field(text_field)
     # content hashes, not paths: moving the files does not make it another run
     fingerprints = {"train": [], "eval": []}
+    options = data_options(data_args)
+    if options:
+        fingerprints["options"] = options
 
     def load(paths, split):
         records = []
         for p in paths:
-            recs, digest = read_jsonl(p)
+            recs, digest = read_dataset(p, text_field)
             fingerprints[split].append(digest)
             records += recs
         return records
@@ -479,7 +708,8 @@ def build_datasets(data_args, tokenizer, model_dir, seed, vocab_size):
     check_chat_template(tokenizer, train_records + eval_records, model_dir)
 
     def make(records):
-        examples, stats = tokenize_records(records, tokenizer, max_len)
+        examples, stats = tokenize_records(records, tokenizer, max_len, data_args.completion_only_loss,
+                                           data_args.assistant_only_loss)
         if not examples:
             raise DataError(f"no usable examples in {', '.join(sorted({r.source for r in records}))}: "
                             f"{stats.dropped} dropped with nothing to learn after truncation to {max_len} tokens")

@@ -1,5 +1,7 @@
-"""Data: JSONL parsing and its errors, loss masks, chat templates, packing, batching (seconds)."""
+"""Data: row checks and their errors (JSONL here; the other file formats in test_train_data_formats.py),
+loss masks and TRL's loss switches, chat templates, packing, batching (seconds)."""
 
+import hashlib
 import json
 import random
 
@@ -13,8 +15,9 @@ from train.data import (
     PackedDataset,
     SyntheticDataset,
     check_chat_template,
+    check_text_field,
     pack_examples,
-    read_jsonl,
+    read_dataset,
     tokenize_records,
 )
 
@@ -24,8 +27,8 @@ def write_lines(path, lines):
     return str(path)
 
 
-def records_of(tmp_path, objs):
-    return read_jsonl(write_lines(tmp_path / "d.jsonl", [json.dumps(o) for o in objs]))[0]
+def records_of(tmp_path, objs, text_field="text"):
+    return read_dataset(write_lines(tmp_path / "d.jsonl", [json.dumps(o) for o in objs]), text_field)[0]
 
 
 def labeled_text(tokenizer, ids, labels):
@@ -47,30 +50,56 @@ def labeled_text(tokenizer, ids, labels):
     ('{"messages": [{"role": "user"}]}', "messages[0] (user) needs a string 'content'"),
     ('{"messages": [{"content": "x"}]}', "messages[0] must be an object with a string 'role'"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ('{"prompt": [{"role": "user", "content": "q"}], "completion": "a"}',
+     "'prompt' is a list and 'completion' a str: both must be text, or both lists of messages"),
+    ('{"prompt": [], "completion": [{"role": "assistant", "content": "a"}]}', "'prompt' must be a non-empty list"),
+    ('{"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant"}]}',
+     "completion[0] (assistant) needs a string 'content'"),
+    ('{"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]}',
+     "'completion' has no assistant message"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": "[{"}',
+     "'tools' is a string but not JSON"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": [1]}',
+     "'tools' must be a list of tool schemas"),
 ])
 def test_malformed_line_names_file_line_and_reason(tmp_path, line, reason):
     path = write_lines(tmp_path / "bad.jsonl", ['{"text": "fine"}', "", line])
     with pytest.raises(DataError) as e:
-        read_jsonl(path)
+        read_dataset(path)
     assert str(e.value).startswith(f"{path}:3: ")
     assert reason in str(e.value)
+
+
+def test_dataset_text_field_names_the_text_column(tmp_path, tokenizer):
+    recs = records_of(tmp_path, [{"body": "after a comes b", "text": 7}], text_field="body")
+    assert recs[0].kind == "text"
+    (ids, labels), = tokenize_records(recs, tokenizer, 64)[0]
+    assert tokenizer.decode(ids) == "after a comes b<|endoftext|>"
+    path = write_lines(tmp_path / "plain.jsonl", ['{"text": "x"}'])
+    with pytest.raises(DataError, match=r"plain.jsonl:1: needs one of 'body', 'prompt'\+'completion' or 'messages' "
+                                        r"\(found keys: text\)"):
+        read_dataset(path, "body")
+    for reserved in ("messages", ""):
+        with pytest.raises(DataError, match="--dataset_text_field must name the plain-text column"):
+            check_text_field(reserved)
 
 
 def test_not_utf8_and_missing_file(tmp_path):
     p = tmp_path / "latin1.jsonl"
     p.write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"latin1.jsonl:1: not UTF-8"):
-        read_jsonl(str(p))
+        read_dataset(str(p))
     with pytest.raises(DataError, match="dataset file not found"):
-        read_jsonl(str(tmp_path / "nope.jsonl"))
+        read_dataset(str(tmp_path / "nope.jsonl"))
 
 
 def test_blank_lines_skipped_and_digest_tracks_content(tmp_path):
     a = write_lines(tmp_path / "a.jsonl", ['{"text": "x"}', "", '{"prompt": "p", "completion": "c", "id": 7}'])
-    records, digest = read_jsonl(a)
-    assert [(r.line, r.kind) for r in records] == [(1, "text"), (3, "prompt")]
+    records, digest = read_dataset(a)
+    assert [(r.line, r.kind, r.where) for r in records] == [(1, "text", f"{a}:1"), (3, "prompt", f"{a}:3")]
+    assert digest == hashlib.sha256(open(a, "rb").read()).hexdigest()  # the fingerprint runs have recorded
     b = write_lines(tmp_path / "b.jsonl", ['{"text": "x"}', "", '{"prompt": "p", "completion": "c", "id": 8}'])
-    assert read_jsonl(b)[1] != digest
+    assert read_dataset(b)[1] != digest
 
 
 # --- masks ---------------------------------------------------------------------------------------
@@ -103,6 +132,69 @@ def test_chat_trains_assistant_turns_only(tmp_path, tokenizer):
     assert stats.last_turn_only == 0
 
 
+CHAT = [{"role": "system", "content": "be brief"},
+        {"role": "user", "content": "1 plus 2 is"}, {"role": "assistant", "content": "3"},
+        {"role": "user", "content": "after a comes"}, {"role": "assistant", "content": "b"}]
+
+
+def test_assistant_only_loss_off_trains_every_token_of_the_same_chat(tmp_path, tokenizer):
+    recs = records_of(tmp_path, [{"messages": CHAT}])
+    ((ids, labels),), _ = tokenize_records(recs, tokenizer, 256)
+    ((ids_all, labels_all),), _ = tokenize_records(recs, tokenizer, 256, assistant_only_loss=False)
+    assert (ids_all == ids).all()  # the switch changes the labels, never the tokens
+    assert labels_all[0] == IGNORE_INDEX and (labels_all[1:] == ids[1:]).all()
+
+
+@pytest.mark.parametrize("completion_only, assistant_only, trained", [
+    (True, True, "b<|im_end|>\n"),  # the default: the completion's assistant turn
+    (True, False, "b<|im_end|>\n"),  # every token of the completion (here one assistant turn)
+    (False, True, "3<|im_end|>\nb<|im_end|>\n"),  # every assistant turn, the prompt's too
+    (False, False, None),  # every token
+])
+def test_conversational_prompt_completion_follows_trls_switches(tmp_path, tokenizer, completion_only, assistant_only,
+                                                                 trained):
+    row = {"prompt": CHAT[:4], "completion": CHAT[4:]}
+    recs = records_of(tmp_path, [row])
+    assert recs[0].kind == "chat_prompt"
+    ((ids, labels),), _ = tokenize_records(recs, tokenizer, 256, completion_only, assistant_only)
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(CHAT, tokenize=False)  # the chat as a whole
+    if trained is None:
+        assert labels[0] == IGNORE_INDEX and (labels[1:] == ids[1:]).all()
+    else:
+        assert labeled_text(tokenizer, ids, labels) == trained
+
+
+def test_completion_only_loss_off_trains_the_prompt_too(tmp_path, tokenizer):
+    recs = records_of(tmp_path, [{"prompt": "count from 3:", "completion": " 4 5 6"}])
+    ((ids, labels),), _ = tokenize_records(recs, tokenizer, 64, completion_only_loss=False)
+    assert labels[0] == IGNORE_INDEX and (labels[1:] == ids[1:]).all()
+    assert tokenizer.decode(ids) == "count from 3: 4 5 6<|endoftext|>"
+
+
+# Renders the tools and tool calls it is given, so a test can see they reach the template.
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>tools ' + tools | map(attribute='function.name') | join(',') + '<|im_end|>' }}"
+    "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' }}{% if m.get('content') %}"
+    "{{ m['content'] }}{% endif %}{% for c in m.get('tool_calls', []) %}{{ 'call ' + c['function']['name'] }}"
+    "{% endfor %}{{ '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}"
+)
+
+
+def test_tools_reach_the_template_and_a_tool_call_needs_no_content(tmp_path, tiny_dir):
+    from train.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_dir), chat_template=TOOLS_TEMPLATE)
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    messages = [{"role": "user", "content": "1 plus 2"},
+                {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "add"}}]},
+                {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3"}]
+    for tools in ([tool], json.dumps([tool])):  # TRL takes either
+        recs = records_of(tmp_path, [{"messages": messages, "tools": tools}])
+        ((ids, labels),), _ = tokenize_records(recs, tok, 256)
+        assert tok.decode(ids).startswith("<|im_start|>tools add<|im_end|>")
+        assert labeled_text(tok, ids, labels) == "call add<|im_end|>3<|im_end|>"
+
+
 # A DeepSeek-R1-style template (same logic, this tokenizer's tokens): earlier reasoning is cut from
 # assistant turns and the generation prompt ends in "<think>\n".
 R1_STYLE = (
@@ -132,6 +224,14 @@ def test_r1_style_template_trains_final_turn_as_inference_sees_it(tmp_path, r1_t
     assert tok.decode(ids) == prompt + "r2\n</think>\n\na2<|endoftext|>"
     assert labeled_text(tok, ids, labels) == "r2\n</think>\n\na2<|endoftext|>"
     assert stats.last_turn_only == 1
+    # every token: the same sequence, the history as the generation prompt renders it trained too
+    ((ids_all, labels_all),), stats_all = tokenize_records(recs, tok, 256, assistant_only_loss=False)
+    assert (ids_all == ids).all() and (labels_all[1:] == ids[1:]).all()
+    assert stats_all.last_turn_only == 0
+    # as a conversational prompt-completion: the completion is the final turn, nothing is lost
+    recs = records_of(tmp_path, [{"prompt": messages[:3], "completion": messages[3:]}])
+    ((ids_pc, labels_pc),), stats_pc = tokenize_records(recs, tok, 256)
+    assert (ids_pc == ids).all() and (labels_pc == labels).all() and stats_pc.last_turn_only == 0
 
 
 def test_messages_without_chat_template_is_a_clear_error(tmp_path, tiny_dir):
@@ -142,6 +242,10 @@ def test_messages_without_chat_template_is_a_clear_error(tmp_path, tiny_dir):
     recs = records_of(tmp_path, [{"text": "x"}, {"messages": [{"role": "user", "content": "a"},
                                                               {"role": "assistant", "content": "b"}]}])
     with pytest.raises(DataError, match=r"d.jsonl:2: uses 'messages' but the tokenizer in MODEL has no chat template"):
+        check_chat_template(tok, recs, "MODEL")
+    recs = records_of(tmp_path, [{"prompt": [{"role": "user", "content": "a"}],
+                                  "completion": [{"role": "assistant", "content": "b"}]}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: uses 'prompt'/'completion' as messages but the tokenizer"):
         check_chat_template(tok, recs, "MODEL")
 
 
