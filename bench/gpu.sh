@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU throughput benchmark (docs/gpu-benchmarks.md), meant to run ON a GPU machine from the repo root:
-#   bash bench/gpu.sh [gpu_throughput.py arguments]        (make bench-gpu)
+#   bash bench/gpu.sh --workloads w3 [gpu_throughput.py arguments]   (make bench-gpu: w1)
 # Installs the wheels carried in .whl/ when deepspeed is missing (machines with no registry access),
 # then runs bench/gpu_throughput.py. Results go to ${OUT:-gpu_bench}/.
 set -euo pipefail
@@ -14,6 +14,8 @@ if ! $PY -c 'import deepspeed' 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# ninja (a carried wheel where the machine has none) for DeepSpeed's JIT-built ops (FusedAdam)
+if [ -d /tmp/site/bin ]; then export PATH=/tmp/site/bin:$PATH; fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # DeepSpeed 0.19.8's JIT op builder cannot parse arch names like "9.0a" (ValueError: invalid
 # literal for int() with base 10: '0a'); sm_90 code runs on H100/H200 all the same.
