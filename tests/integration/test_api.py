@@ -7,7 +7,6 @@ import copy
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,8 +15,6 @@ import pytest
 from lab import Lab
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from dsmesh import api  # noqa: E402
 

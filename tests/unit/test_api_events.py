@@ -4,15 +4,12 @@ job_status. No playbook runs here."""
 import copy
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from dsmesh import api  # noqa: E402
 from dsmesh.__main__ import exit_code, format_summary, parse_extravars  # noqa: E402

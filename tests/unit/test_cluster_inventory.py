@@ -1,7 +1,7 @@
 import pytest
 
-from cluster import cluster_address, cluster_node, key_login_targets, node_names
-from cluster_inventory import inventory_errors
+from ansible_collections.dsmesh.cluster.plugins.filter.cluster import cluster_address, cluster_node, key_login_targets, node_names
+from ansible_collections.dsmesh.cluster.plugins.module_utils.cluster_inventory import inventory_errors
 
 
 def node(name, host, address=None, gpus=8):

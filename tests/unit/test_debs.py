@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from debs import deb_files, deb_records
+from ansible_collections.dsmesh.cluster.plugins.filter.debs import deb_files, deb_records
 
 INDEX = """Package: pdsh
 Version: 2.34-0.2

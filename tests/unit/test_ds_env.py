@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from ansible.module_utils.ds_env import (NCCL_IFNAME_FALLBACK, EnvError, build_env, interface_for_address,
+from ansible_collections.dsmesh.cluster.plugins.module_utils.rank_env import (NCCL_IFNAME_FALLBACK, EnvError, build_env, interface_for_address,
                                          nccl_socket_ifname, omp_threads, parse_ip_addr, render_env)
 
 # `ip -o addr show` on a machine with podman bridges (captured on the CI machine).

@@ -4,8 +4,8 @@ import os
 import stat
 
 import pytest
-from ansible.module_utils import ds_files
-from ansible.module_utils.ds_files import FileWriteError, parse_mode, write_file
+from ansible_collections.dsmesh.cluster.plugins.module_utils import files as ds_files
+from ansible_collections.dsmesh.cluster.plugins.module_utils.files import FileWriteError, parse_mode, write_file
 
 
 def test_changed_only_when_content_or_mode_differs(tmp_path):

@@ -1,7 +1,7 @@
 """deepspeed_hostfile: entries from the inventory, read back by DeepSpeed's own parser."""
 
 import pytest
-from ansible.module_utils.ds_hostfile import HostfileError, render_hostfile, resolve_nodes
+from ansible_collections.dsmesh.cluster.plugins.module_utils.hostfile import HostfileError, render_hostfile, resolve_nodes
 from deepspeed.launcher.runner import _parse_hostfile, fetch_hostfile
 
 NODES = [

@@ -12,9 +12,11 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from ansible.module_utils.ds_planner import (PACKAGE_ARGS, Cluster, Job, ModelShape, PlanError, activation_bytes,
-                                             activation_bytes_per_layer_token, build_ds_config,
-                                             model_state_bytes, plan, summary_lines, trainer_args)
+from ansible_collections.dsmesh.cluster.plugins.module_utils.planner import (PACKAGE_ARGS, Cluster, Job, ModelShape,
+                                                                           PlanError, build_ds_config, plan,
+                                                                           summary_lines, trainer_args)
+from ansible_collections.dsmesh.cluster.plugins.module_utils.planner.memory import (
+    activation_bytes, activation_bytes_per_layer_token, model_state_bytes)
 from ds_testlib import MODEL_NAMES, model_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -228,12 +230,12 @@ CLUSTERS = [[1], [8], [8, 8], [4] * 4, [8] * 8]
 
 
 def _check_plan(p, shape, cluster, job):
-    assert p["micro_batch_size"] * p["gradient_accumulation_steps"] * cluster.world_size == job.global_batch_size
-    g = p["gpu_memory_gib"]
+    assert p.micro_batch_size * p.gradient_accumulation_steps * cluster.world_size == job.global_batch_size
+    g = p.gpu_memory_gib
     assert g["peak_reserved"] <= g["usable"]
-    assert p["host_memory_gib"]["peak"] <= p["host_memory_usable_gib"]
-    for r in p["rejected_faster_plans"]:
-        assert r["relative_step_time"] <= p["relative_step_time"]
+    assert p.host_memory_gib["peak"] <= p.host_memory_usable_gib
+    for r in p.rejected_faster_plans:
+        assert r["relative_step_time"] <= p.relative_step_time
         assert "needs" in r["why_not"]
 
 
@@ -257,8 +259,8 @@ def test_plans_fit_or_explain(name, finetune):
             _check_plan(p, shape, cluster, job)
             # More GPU memory never makes the chosen plan slower.
             if previous_time is not None:
-                assert p["relative_step_time"] <= previous_time
-            previous_time = p["relative_step_time"]
+                assert p.relative_step_time <= previous_time
+            previous_time = p.relative_step_time
             outcomes[(len(slots), gib)] = p
     # Something fits for every model on 8 x 8 x 141 GB.
     assert outcomes[(8, 141)] is not None
@@ -267,19 +269,19 @@ def test_plans_fit_or_explain(name, finetune):
 def test_small_model_gets_the_fastest_plan():
     shape = ModelShape.from_config(model_config("Qwen2.5-0.5B"))
     p = plan(shape, Cluster([8], gpu_memory_gib=80, host_memory_gib=512), Job(seq_len=2048, global_batch_size=64))
-    assert p["zero_stage"] == 0 and not p["offload_optimizer"] and not p["gradient_checkpointing"]
-    assert p["rejected_faster_plans"] == [] or all(r["relative_step_time"] <= p["relative_step_time"]
-                                                   for r in p["rejected_faster_plans"])
+    assert p.zero_stage == 0 and not p.offload_optimizer and not p.gradient_checkpointing
+    assert p.rejected_faster_plans == [] or all(r["relative_step_time"] <= p.relative_step_time
+                                                   for r in p.rejected_faster_plans)
 
 
 def test_the_32b_example():
     shape = ModelShape.from_config(model_config("DeepSeek-R1-Distill-Qwen-32B"))
     cluster = Cluster([8, 8], gpu_memory_gib=96, host_memory_gib=1024, bf16=True, gpu_model="NVIDIA H20")
     full = plan(shape, cluster, Job(seq_len=4096, global_batch_size=64))
-    assert full["zero_stage"] == 3 and not full["offload_optimizer"]
-    assert full["rejected_faster_plans"], "a faster plan that does not fit should be reported"
+    assert full.zero_stage == 3 and not full.offload_optimizer
+    assert full.rejected_faster_plans, "a faster plan that does not fit should be reported"
     lora = plan(shape, cluster, Job(seq_len=4096, global_batch_size=64, finetune="lora"))
-    assert lora["gpu_memory_gib"]["model_states"] < full["gpu_memory_gib"]["model_states"] * 2
+    assert lora.gpu_memory_gib["model_states"] < full.gpu_memory_gib["model_states"] * 2
     lines = summary_lines(full)
     assert any("GPU memory per rank" in line for line in lines)
 
@@ -287,8 +289,8 @@ def test_the_32b_example():
 def test_offload_when_nothing_else_fits():
     shape = ModelShape.from_config(model_config("Qwen2.5-72B"))
     p = plan(shape, Cluster([8, 8], gpu_memory_gib=96, host_memory_gib=1024), Job(seq_len=4096, global_batch_size=64))
-    assert p["zero_stage"] == 3 and p["offload_optimizer"]
-    assert p["host_memory_gib"]["offload"] > 0
+    assert p.zero_stage == 3 and p.offload_optimizer
+    assert p.host_memory_gib["offload"] > 0
 
 
 def test_impossible_job_says_what_would_fit():
@@ -312,7 +314,7 @@ def test_plan_overrides_are_obeyed_and_checked():
     cluster = Cluster([8], gpu_memory_gib=80, host_memory_gib=1024)
     job = Job(seq_len=4096, global_batch_size=32)
     p = plan(shape, cluster, job, overrides={"zero_stage": 3, "micro_batch_size": 1})
-    assert p["zero_stage"] == 3 and p["micro_batch_size"] == 1 and p["gradient_accumulation_steps"] == 4
+    assert p.zero_stage == 3 and p.micro_batch_size == 1 and p.gradient_accumulation_steps == 4
     with pytest.raises(PlanError, match="drop the plan overrides"):
         plan(shape, cluster, job, overrides={"zero_stage": 0, "gradient_checkpointing": False})
     with pytest.raises(PlanError, match="unknown plan override"):
@@ -322,7 +324,7 @@ def test_plan_overrides_are_obeyed_and_checked():
 def test_cpu_ranks_plan_in_fp32():
     shape = ModelShape.from_config(dict(TINY))
     p = plan(shape, Cluster([2, 2], host_memory_gib=24, device="cpu"), Job(seq_len=128, global_batch_size=8))
-    assert p["precision"] == "fp32" and not p["offload_optimizer"]
+    assert p.precision == "fp32" and not p.offload_optimizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,10 +347,10 @@ def test_config_is_concrete_and_consistent():
     assert '"auto"' not in text
     assert cfg["train_batch_size"] == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * 16
     assert cfg["bf16"] == {"enabled": True} and "fp16" not in cfg
-    assert cfg["zero_optimization"]["stage"] == p["zero_stage"]
+    assert cfg["zero_optimization"]["stage"] == p.zero_stage
     args = trainer_args(cfg, p)
-    assert args["per_device_train_batch_size"] == p["micro_batch_size"]
-    assert args["gradient_checkpointing"] == p["gradient_checkpointing"]
+    assert args["per_device_train_batch_size"] == p.micro_batch_size
+    assert args["gradient_checkpointing"] == p.gradient_checkpointing
 
 
 def test_fp16_without_bf16_hardware():
@@ -362,11 +364,11 @@ def test_config_overrides_merge_and_are_checked():
     p, job, shape = _config()
     cfg = build_ds_config(p, job, shape, {"steps_per_print": 7, "zero_optimization": {"overlap_comm": False}})
     assert cfg["steps_per_print"] == 7 and cfg["zero_optimization"]["overlap_comm"] is False
-    assert cfg["zero_optimization"]["stage"] == p["zero_stage"]
+    assert cfg["zero_optimization"]["stage"] == p.zero_stage
     with pytest.raises(PlanError, match="auto"):
         build_ds_config(p, job, shape, {"gradient_clipping": "auto"})
     with pytest.raises(PlanError, match="batch sizes disagree"):
-        build_ds_config(p, job, shape, {"train_micro_batch_size_per_gpu": p["micro_batch_size"] + 1})
+        build_ds_config(p, job, shape, {"train_micro_batch_size_per_gpu": p.micro_batch_size + 1})
 
 
 class DataParallelOnly(object):
@@ -426,18 +428,18 @@ def test_deepspeed_accepts_the_config(deepspeed_dist, name, slots, gib, finetune
 
     p, job, shape = _config(name, slots, gib, finetune, overrides)
     cfg = build_ds_config(p, job, shape)
-    parsed = DeepSpeedConfig(copy.deepcopy(cfg), mpu=DataParallelOnly(p["world_size"]))
-    assert parsed.world_size == p["world_size"]
-    assert parsed.train_batch_size == p["global_batch_size"]
-    assert parsed.train_micro_batch_size_per_gpu == p["micro_batch_size"]
-    assert parsed.gradient_accumulation_steps == p["gradient_accumulation_steps"]
-    assert parsed.zero_optimization_stage == p["zero_stage"]
+    parsed = DeepSpeedConfig(copy.deepcopy(cfg), mpu=DataParallelOnly(p.world_size))
+    assert parsed.world_size == p.world_size
+    assert parsed.train_batch_size == p.global_batch_size
+    assert parsed.train_micro_batch_size_per_gpu == p.micro_batch_size
+    assert parsed.gradient_accumulation_steps == p.gradient_accumulation_steps
+    assert parsed.zero_optimization_stage == p.zero_stage
     assert parsed.bfloat16_config.enabled
-    assert (parsed.zero_config.offload_optimizer is not None) == p["offload_optimizer"]
-    assert (parsed.zero_config.offload_param is not None) == p["offload_param"]
+    assert (parsed.zero_config.offload_optimizer is not None) == p.offload_optimizer
+    assert (parsed.zero_config.offload_param is not None) == p.offload_param
     # The same config for a different number of ranks is refused: the check is real.
     with pytest.raises(AssertionError):
-        DeepSpeedConfig(copy.deepcopy(cfg), mpu=DataParallelOnly(p["world_size"] * 2))
+        DeepSpeedConfig(copy.deepcopy(cfg), mpu=DataParallelOnly(p.world_size * 2))
 
 
 @pytest.mark.parametrize("stage,finetune", [(0, "lora"), (1, "full"), (2, "full"), (3, "lora")])
@@ -456,7 +458,7 @@ def test_deepspeed_engine_trains_with_the_config(deepspeed_dist, stage, finetune
     trainable = [q for q in model.parameters() if q.requires_grad]
     engine, _, _, _ = deepspeed_dist.initialize(model=model, model_parameters=trainable, config=cfg)
     ids = torch.randint(0, 512, (2, 64))
-    for _ in range(p["gradient_accumulation_steps"]):
+    for _ in range(p.gradient_accumulation_steps):
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
@@ -494,11 +496,11 @@ def test_hf_trainer_accepts_the_config(name, slots, gib, finetune, overrides, hf
     targs = dict((k, v) for k, v in trainer_args(cfg, p).items() if k not in PACKAGE_ARGS)
     args = TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to=[], **targs)
     hf = HfTrainerDeepSpeedConfig(copy.deepcopy(cfg))
-    hf.trainer_config_process(WithWorldSize(args, p["world_size"]))
+    hf.trainer_config_process(WithWorldSize(args, p.world_size))
     assert hf.mismatches == []
     # A Trainer argument that disagrees is caught: the comparison is real.
     wrong = HfTrainerDeepSpeedConfig(copy.deepcopy(cfg))
-    wrong.trainer_config_process(WithWorldSize(args, p["world_size"] * 2))
+    wrong.trainer_config_process(WithWorldSize(args, p.world_size * 2))
     assert wrong.mismatches
 
 
@@ -513,8 +515,8 @@ def test_hf_training_arguments_take_the_config(tmp_path, hf_args_cleanup):
     cfg = build_ds_config(p, job, shape)
     path = tmp_path / "ds_config.json"
     path.write_text(json.dumps(cfg))
-    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(path), use_cpu=True, report_to=[],
-                             **trainer_args(cfg, p))
+    targs = {k: v for k, v in trainer_args(cfg, p).items() if k not in PACKAGE_ARGS}
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(path), use_cpu=True, report_to=[], **targs)
     model = hf_model(dict(TINY), device="cpu")
     args.hf_deepspeed_config.trainer_config_finalize(args, model, num_training_steps=10)
     assert args.hf_deepspeed_config.config["train_batch_size"] == 4
@@ -529,19 +531,32 @@ def test_one_gpu_gets_the_torch_engine_and_its_arguments():
     shape = ModelShape.from_config(model_config("Qwen2.5-1.5B"))
     job = Job(seq_len=2048, global_batch_size=8)
     p = plan(shape, Cluster([1], gpu_memory_gib=80, host_memory_gib=128), job)
-    assert p["engine"] == "torch" and p["torch_compile"] and not p["gradient_checkpointing"]
-    # the H100 run (docs/gpu-benchmarks.md): micro-batch 8 measured 54.1 GiB; predictions stay above
-    assert p["micro_batch_size"] == 8 and 54.1 <= p["predicted_peak_allocated_gib"] <= 54.1 * 1.15
+    assert p.engine == "torch" and p.compile == "regions" and not p.gradient_checkpointing
+    assert p.micro_batch_size == 8
+    # fp32 master weights: fp32 weights (4), gradients (4), AdamW moments (8), autocast's 16-bit copies (2)
+    assert p.master_weights == "fp32"
+    states = p.gpu_memory_gib
+    assert abs(states["model_states"] - 18 * shape.num_parameters / GIB) < 0.05
+    assert states["model_states.autocast_weight_copies"] == round(2 * shape.num_parameters / GIB, 2)
     args = trainer_args(build_ds_config(p, job, shape), p)
-    assert args["optim"] == "adamw_torch_fused" and args["compile_regions"] is True
-    # DeepSpeed stays available, and several GPUs never get the torch engine
+    assert args["optim"] == "adamw_torch_fused" and args["compile"] == "regions"
+    # DeepSpeed stays available (compiled with DeepCompile at ZeRO 1-3), and several GPUs never get the torch engine
     ds = plan(shape, Cluster([1], gpu_memory_gib=80, host_memory_gib=128), job, overrides={"engine": "deepspeed"})
-    assert ds["engine"] == "deepspeed" and ds["relative_step_time"] > p["relative_step_time"]
+    assert ds.engine == "deepspeed" and ds.relative_step_time > p.relative_step_time and ds.master_weights == "fp32"
     assert "optim" not in trainer_args(build_ds_config(ds, job, shape), ds)
+    z3 = plan(shape, Cluster([1], gpu_memory_gib=80, host_memory_gib=128), job, overrides={"zero_stage": 3})
+    assert z3.compile == "deepcompile" and build_ds_config(z3, job, shape)["compile"] == {"deepcompile": True}
+    eager = plan(shape, Cluster([1], gpu_memory_gib=80, host_memory_gib=128), job,
+                 overrides={"zero_stage": 3, "compile": "none"})
+    assert "compile" not in build_ds_config(eager, job, shape) and eager.relative_step_time > z3.relative_step_time
     multi = plan(shape, Cluster([8], gpu_memory_gib=80, host_memory_gib=512), Job(seq_len=2048, global_batch_size=64))
-    assert multi["engine"] == "deepspeed"
+    assert multi.engine == "deepspeed"
     with pytest.raises(PlanError, match="engine must be one of"):
         plan(shape, Cluster([1], gpu_memory_gib=80, host_memory_gib=128), job, overrides={"engine": "fsdp"})
+    with pytest.raises(PlanError, match="compile must be one of"):
+        plan(shape, Cluster([1], gpu_memory_gib=80, host_memory_gib=128), job, overrides={"compile": "jit"})
+    cpu = plan(shape, Cluster([2], host_memory_gib=64, device="cpu"), job)
+    assert cpu.compile == "none" and cpu.master_weights == "fp32-weights"
 
 
 def test_partial_checkpointing_keeps_as_many_layers_as_fit():
@@ -550,16 +565,16 @@ def test_partial_checkpointing_keeps_as_many_layers_as_fit():
     cluster = Cluster([1], gpu_memory_gib=79.65, host_memory_gib=128)
     p = plan(shape, cluster, job)
     # the H100 run: 60 of 64 layers checkpointed at micro-batch 2, 74.0 GiB predicted, 74.1 measured
-    assert p["engine"] == "torch" and p["gradient_checkpointing"] and p["micro_batch_size"] == 2
-    assert 0 < p["checkpoint_layers"] < 64 and "of 64 layers" in p["label"]
-    assert abs(p["predicted_peak_allocated_gib"] - 74.1) / 74.1 < 0.05
-    assert trainer_args(build_ds_config(p, job, shape), p)["checkpoint_layers"] == p["checkpoint_layers"]
+    assert p.engine == "torch" and p.gradient_checkpointing and p.micro_batch_size == 2
+    assert 0 < p.checkpoint_layers < 64 and "of 64 layers" in p.label
+    assert abs(p.predicted_peak_allocated_gib - 74.1) / 74.1 < 0.05
+    assert trainer_args(build_ds_config(p, job, shape), p)["checkpoint_layers"] == p.checkpoint_layers
     # one more unchecked layer would not fit: the choice is the fewest checkpointed layers
-    tighter = plan(shape, cluster, job, overrides={"micro_batch_size": 2, "checkpoint_layers": p["checkpoint_layers"]})
-    assert tighter["predicted_peak_allocated_gib"] == p["predicted_peak_allocated_gib"]
+    tighter = plan(shape, cluster, job, overrides={"micro_batch_size": 2, "checkpoint_layers": p.checkpoint_layers})
+    assert tighter.predicted_peak_allocated_gib == p.predicted_peak_allocated_gib
     with pytest.raises(PlanError, match="does not fit"):
-        plan(shape, cluster, job, overrides={"micro_batch_size": 2, "checkpoint_layers": p["checkpoint_layers"] - 1})
+        plan(shape, cluster, job, overrides={"micro_batch_size": 2, "checkpoint_layers": p.checkpoint_layers - 1})
     # fewer checkpointed layers, less recomputation: faster under the speed model
     full = plan(shape, cluster, job, overrides={"micro_batch_size": 2, "checkpoint_layers": 64})
-    assert full["relative_step_time"] > p["relative_step_time"]
+    assert full.relative_step_time > p.relative_step_time
     assert "checkpoint_layers" not in trainer_args(build_ds_config(full, job, shape), full)

@@ -7,12 +7,12 @@ plan into ds_config.json and the training package's arguments. docs/planner.md e
 """
 
 from .cluster import Cluster, Job
-from .ds_config import build_ds_config, trainer_args, validate_ds_config
+from .ds_config import PACKAGE_ARGS, build_ds_config, trainer_args, validate_ds_config
 from .errors import PlanError
 from .model import ADAPTER_TARGETS, ModelShape, load_model_shape
 from .result import Plan, summary_lines
 from .search import COMPILE_MODES, ENGINES, PLAN_OVERRIDE_KEYS, plan
 
-__all__ = ["ADAPTER_TARGETS", "COMPILE_MODES", "ENGINES", "PLAN_OVERRIDE_KEYS", "Cluster", "Job", "ModelShape",
+__all__ = ["ADAPTER_TARGETS", "COMPILE_MODES", "ENGINES", "PACKAGE_ARGS", "PLAN_OVERRIDE_KEYS", "Cluster", "Job", "ModelShape",
            "Plan", "PlanError", "build_ds_config", "load_model_shape", "plan", "summary_lines",
            "trainer_args", "validate_ds_config"]

@@ -7,6 +7,10 @@ from ..trainer_fields import trainer_values
 from .errors import PlanError
 from .memory import bucket_sizes
 
+# Arguments of the training package (train/args.py) that trainer_args() may add besides HF's
+# TrainingArguments.
+PACKAGE_ARGS = ("checkpoint_layers", "compile")
+
 
 def _deep_merge(base, extra):
     for k, v in extra.items():
