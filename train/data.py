@@ -274,8 +274,13 @@ def _columnar_rows(path, builder):
     of the bytes. Streaming writes no Arrow cache (only a lock file, in a temporary directory
     removed after the read), so nothing lands in ~/.cache or /tmp on the nodes, and it read 200k
     chats of parquet in 1.3 s where preparing the cache took 1.9 s."""
-    from datasets.packaged_modules.arrow.arrow import Arrow
-    from datasets.packaged_modules.parquet.parquet import Parquet
+    try:
+        from datasets.packaged_modules.arrow.arrow import Arrow
+        from datasets.packaged_modules.parquet.parquet import Parquet
+    except ImportError as e:  # JSON data needs no `datasets`; an environment made without it can still train
+        raise DataError(f"{path}: reading {builder} files needs Hugging Face `datasets` in the training "
+                        f"environment ({e}); install the version requirements.txt pins, or convert the file "
+                        "to JSON Lines") from None
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -146,6 +147,15 @@ def test_files_that_are_not_local_data_files_are_refused_with_the_fix(tmp_path, 
         (tmp_path / empty).write_text("" if empty == "empty.jsonl" else "\n  \n")
         with pytest.raises(DataError, match=f"{empty}: no records"):
             read_dataset(str(tmp_path / empty))
+
+
+def test_parquet_without_datasets_installed_says_what_to_install(tmp_path, monkeypatch):
+    path = write_rows(tmp_path / "d.parquet", ROWS[:1])
+    monkeypatch.setitem(sys.modules, "datasets.packaged_modules.arrow.arrow", None)  # import fails as if absent
+    with pytest.raises(DataError, match=r"d.parquet: reading parquet files needs Hugging Face `datasets` in the "
+                                        r"training environment .*convert the file to JSON Lines"):
+        read_dataset(path)
+    assert read_dataset(write_rows(tmp_path / "d.jsonl", ROWS[:1]))[0][0].kind == "text"
 
 
 def test_no_network_and_no_cache_outside_a_temporary_directory(tmp_path, monkeypatch):
