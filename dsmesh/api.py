@@ -36,7 +36,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import ansible_runner
 
@@ -96,8 +96,8 @@ class Result:
     hosts: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
     errors: list = field(default_factory=list)
-    job_status: Optional[dict] = None
-    artifact_dir: Optional[str] = None
+    job_status: dict | None = None
+    artifact_dir: str | None = None
 
     @property
     def ok(self):

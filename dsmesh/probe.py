@@ -17,7 +17,7 @@ import sys
 import time
 from importlib import metadata
 
-PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft")
+PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft", "datasets")
 
 
 def package_versions():

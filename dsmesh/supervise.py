@@ -1,10 +1,10 @@
 """Runs the deepspeed launcher for a run on the master and ends the whole job as soon as one node
 is lost, instead of letting the other ranks wait in a collective for DeepSpeed's timeout.
 
-    python -m dsmesh.supervise --run-dir DIR --marker PATTERN --nodes a,b
+    python -m dsmesh.supervise --run-dir DIR --output-dir OUT --nodes a,b
 
 The launcher's argv is read from DIR/launch_command.json, so that this process's own command line
-never matches the pattern that finds the run's ranks.
+never matches the marker that finds the run's ranks (--output_dir=OUT, rundir.rank_marker).
 
 - passes the launcher's output through (the caller sends it to the run's log);
 - when pdsh reports a node's session ended badly (`pdsh@m: node2: ssh exited with exit code 255`,
@@ -14,25 +14,15 @@ never matches the pattern that finds the run's ranks.
 - writes DIR/exit_code ("0", the launcher's code, or "stopped") and DIR/failure.json (node, reason).
 """
 import argparse
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 
-PDSH_NODE_FAILED = re.compile(r"pdsh@\S+: (?P<node>[^\s:]+): ssh exited with exit code (?P<code>\d+)")
-
-
-def write_atomic(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from ansible_collections.dsmesh.cluster.plugins.module_utils import rundir
+from ansible_collections.dsmesh.cluster.plugins.module_utils.pdsh import node_exit, pdsh_argv
 
 
 class Supervisor:
@@ -51,10 +41,11 @@ class Supervisor:
             line = raw.decode(errors="replace")
             sys.stdout.write(line)
             sys.stdout.flush()
-            m = PDSH_NODE_FAILED.search(line)
-            if m and m.group("code") != "0" and self.failure is None:
-                self.failure = {"node": m.group("node"), "reason": line.strip(), "time": time.time()}
-                self.log(f"lost {m.group('node')} (ssh exit {m.group('code')}): ending the job on every node")
+            ended = node_exit(line)
+            if ended and ended[1] != "0" and self.failure is None:
+                node, code = ended
+                self.failure = {"node": node, "reason": line.strip(), "time": time.time()}
+                self.log(f"lost {node} (ssh exit {code}): ending the job on every node")
                 threading.Thread(target=self.shutdown, args=(self.args.grace,), daemon=True).start()
 
     def shutdown(self, grace):
@@ -79,11 +70,9 @@ class Supervisor:
 
     def kill_leftover_ranks(self):
         """Ranks stuck in a collective with a lost peer outlive the launcher: end them everywhere."""
-        if not self.args.nodes or not self.args.marker:
+        if not self.args.nodes or not self.args.output_dir:
             return
-        pattern = self.args.marker
-        cmd = ["pdsh", "-R", "ssh", "-t", "10", "-u", "30", "-w", self.args.nodes,
-               f"pkill -TERM -f -- '{pattern}' && sleep 2; pkill -KILL -f -- '{pattern}'; true"]
+        cmd = pdsh_argv(self.args.nodes.split(","), rundir.kill_ranks_command(self.args.output_dir), command_timeout=30)
         subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def on_signal(self, signum, frame):
@@ -111,9 +100,9 @@ class Supervisor:
                 pass
         if self.failure:
             self.failure["launcher_exit_code"] = rc
-            write_atomic(os.path.join(self.args.run_dir, "failure.json"), json.dumps(self.failure, indent=2))
-        code = "stopped" if self.stop_requested else str(rc if not self.failure or rc else 1)
-        write_atomic(os.path.join(self.args.run_dir, "exit_code"), code + "\n")
+            rundir.write_json_atomic(os.path.join(self.args.run_dir, rundir.FAILURE), self.failure)
+        code = rundir.STOPPED if self.stop_requested else str(rc if not self.failure or rc else 1)
+        rundir.write_atomic(os.path.join(self.args.run_dir, rundir.EXIT_CODE), code + "\n")
         self.log(f"launcher ended with exit code {rc}; job {'stopped' if self.stop_requested else 'exit ' + code}")
         return 0 if code == "0" else 1
 
@@ -121,14 +110,15 @@ class Supervisor:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run-dir", required=True)
-    p.add_argument("--marker", help="pkill -f pattern matching this run's ranks (and nothing else)")
+    p.add_argument("--output-dir", help="the run's output directory: its ranks carry --output_dir=OUTPUT_DIR")
     p.add_argument("--nodes", help="comma-separated addresses of every node, for the final clean-up")
     p.add_argument("--grace", type=float, default=5.0,
                    help="seconds the launcher gets to end by itself after a node is lost")
     args = p.parse_args(argv)
-    with open(os.path.join(args.run_dir, "launch_command.json")) as f:
-        args.command = json.load(f)
-    for stale in ("exit_code", "failure.json"):
+    args.command = rundir.read_json(os.path.join(args.run_dir, rundir.LAUNCH_COMMAND))
+    if not isinstance(args.command, list):
+        p.error(f"{args.run_dir}/{rundir.LAUNCH_COMMAND}: no launch command")
+    for stale in (rundir.EXIT_CODE, rundir.FAILURE):
         path = os.path.join(args.run_dir, stale)
         if os.path.exists(path):
             os.remove(path)

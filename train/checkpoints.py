@@ -17,6 +17,8 @@ import re
 import shutil
 import time
 
+from ansible_collections.dsmesh.cluster.plugins.module_utils.rundir import fsync_dir, write_json_atomic
+
 MARKER = "checkpoint_complete.json"
 RUN_FILE = "run.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -24,25 +26,6 @@ _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 class RunMismatch(ValueError):
     """output_dir holds checkpoints of a different run."""
-
-
-def write_json_atomic(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_dirs(output_dir):

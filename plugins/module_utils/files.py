@@ -1,14 +1,12 @@
-"""Atomic, idempotent file writes shared by the deepspeed_* modules (stdlib only).
-
-write_file() compares the wanted bytes and mode with what is on disk, reports honestly whether
-anything would change, and writes through a temporary file in the same directory followed by
-os.replace(), so a failed or interrupted run never leaves a half-written file behind.
-"""
+"""Idempotent file writes for the modules (stdlib only): write_file() compares the wanted bytes and
+mode with what is on disk, reports honestly whether anything would change (with Ansible's diff), and
+writes atomically (rundir.write_atomic), so a failed run never leaves a half-written file."""
 
 
 import os
 import stat
-import tempfile
+
+from .rundir import write_atomic
 
 
 class FileWriteError(Exception):
@@ -62,28 +60,7 @@ def write_file(path, content, mode=0o644, check_mode=False):
     if not content_changed:
         os.chmod(path, mode)
         return {"changed": True, "diff": diff}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode if mode is not None else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename itself is atomic
+    write_atomic(path, content, mode if mode is not None else 0o644)
     return {"changed": True, "diff": diff}
 
 
@@ -97,4 +74,4 @@ def parse_mode(value, default=0o644):
     try:
         return int(text, 8)
     except ValueError:
-        raise FileWriteError(f"mode {value!r} is not an octal number like '0644'")
+        raise FileWriteError(f"mode {value!r} is not an octal number like '0644'") from None

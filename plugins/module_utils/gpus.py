@@ -66,7 +66,7 @@ def parse_nvidia_smi(text):
         try:
             gpu = {"index": int(fields[0]), "name": fields[1], "memory_mib": int(float(fields[2]))}
         except ValueError:
-            raise GpuFactsError(f"unexpected nvidia-smi line: {line!r}")
+            raise GpuFactsError(f"unexpected nvidia-smi line: {line!r}") from None
         if len(fields) > 3 and re.match(r"^\d+\.\d+$", fields[3]):
             gpu["compute_capability"] = fields[3]
         gpus.append(gpu)

@@ -23,7 +23,7 @@ def _int_or_none(value, what, host):
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise HostfileError(f"{host}: {what} must be an integer, got {value!r}")
+        raise HostfileError(f"{host}: {what} must be an integer, got {value!r}") from None
 
 
 def resolve_nodes(nodes, master, include=None, exclude=None):

@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 
+from .rundir import rank_marker
 from .trainer_fields import OPTIMIZER_FIELDS, PLAN_FIELDS
 
 
@@ -68,11 +69,6 @@ def package_flags(args):
         else:
             flags.append(f"--{name}={value}")
     return flags
-
-
-def rank_marker(output_dir):
-    """The token that names this run's ranks on any node (stop and the supervisor find them by it)."""
-    return f"--output_dir={output_dir}"
 
 
 def launch_command(*, python, run_dir, output_dir, master_addr, master_port, launcher_args, engine, model_dir,

@@ -6,13 +6,14 @@ import re
 import subprocess
 import time
 
+from .pdsh import pdsh_argv
+
 _LINE = re.compile(r"^(?P<host>[^\s:]+):\s+(?P<epoch>\d+(?:\.\d+)?)\s*$")
 
 
 def pdsh_command(hosts, connect_timeout):
     """pdsh over ssh, one `date` per node, nanoseconds since the epoch."""
-    return ["pdsh", "-R", "ssh", "-t", str(connect_timeout), "-u", str(connect_timeout + 20),
-            "-w", ",".join(hosts), "date +%s.%N"]
+    return pdsh_argv(hosts, "date +%s.%N", connect_timeout=connect_timeout, command_timeout=connect_timeout + 20)
 
 
 def parse_dates(stdout):

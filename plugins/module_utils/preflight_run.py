@@ -11,6 +11,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .hostfile import render_hostfile
+from .pdsh import pdsh_argv
+from .rank_env import render_env
 
 
 def check_mesh(addresses, timeout=10):
@@ -33,7 +35,7 @@ def run_probes(addresses, python, code_dir, paths, disk, checksum=True, timeout=
     if not checksum:
         args.append("--no-checksum")
     remote = f"cd {shlex.quote(code_dir)} && " + " ".join(shlex.quote(a) for a in args)
-    cmd = ["pdsh", "-R", "ssh", "-t", str(timeout), "-w", ",".join(addresses), remote]
+    cmd = pdsh_argv(addresses, remote, connect_timeout=timeout)
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return proc.stdout, proc.stderr, started, time.time()
@@ -51,7 +53,7 @@ class Collective:
             f.write(render_hostfile(entries))
         env_file = os.path.join(self.tmp.name, "deepspeed_env")
         with open(env_file, "w") as f:
-            f.write("".join(f"{k}={v}\n" for k, v in env.items()))
+            f.write(render_env(env))
         self.cmd = [launcher, "--hostfile", hostfile, "--launcher", "pdsh", "--master_addr", master_addr,
                     "--master_port", str(master_port), *extra_launcher_args,
                     "--module", "dsmesh.allreduce", "--size_mb", str(size_mb)]

@@ -7,7 +7,7 @@ short_description: Start, query or stop a detached C(deepspeed --hostfile) launc
 description:
   - C(state=started) starts the command detached (its own session, output to
     C(RUN_DIR/logs/RUN_ID.log), C(RUN_DIR/launch.log) pointing at the newest) and records the run in
-    C(RUN_DIR/run.json). It refuses while a run of this run directory is still going.
+    C(RUN_DIR/launches.json). It refuses while a run of this run directory is still going.
   - C(state=status) reports the newest run - C(none), C(running), C(finished), C(failed) or C(stopped) - with
     the last logged step, loss and tokens/s from C(OUTPUT_DIR/metrics.jsonl), and for a failed run the
     nodes the launcher's log blames. It changes nothing.
@@ -54,7 +54,14 @@ options:
     type: list
     elements: str
     default: []
-author: dsmesh
+author:
+  - dsmesh ML infrastructure team
+attributes:
+  check_mode:
+    support: full
+    details: C(started) and C(stopped) report what they would do and change nothing.
+  diff_mode:
+    support: none
 """
 
 EXAMPLES = r"""
@@ -75,38 +82,30 @@ EXAMPLES = r"""
 
 RETURN = r"""
 job_status:
-  description: The newest run's state and numbers (state, run_id, pid, exit_code, step, loss, tokens_per_s,
-    failed_node, log, log_tail).
+  description:
+    - The newest run's state (C(none), C(running), C(finished), C(failed), C(stopped)) and numbers - C(run_id),
+      C(run_dir), C(pid), C(started), C(exit_code), C(log); once training logged a step C(step), C(loss),
+      C(tokens_per_s) and the whole C(metrics) line; while running C(phase) (C(loading), C(compiling),
+      C(training), C(saving) and since when); when finished C(summary); when failed C(failed_nodes),
+      C(failed_node), C(failure) (the supervisor's record of a lost node) and C(log_tail).
   returned: always
   type: dict
 run_id:
   description: Id of the run started (state=started).
   returned: when started
   type: str
+stopped_ranks_on:
+  description: Nodes where ranks of the run were still alive and were ended (state=stopped).
+  returned: when stopped
+  type: list
+  elements: str
 """
 
-import subprocess
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ..module_utils.jobctl import job_status, kill_ranks_command, start, stop
 
-
-def end_leftover_ranks(nodes, output_dir):
-    """Nodes where a rank of this run was still alive (and is now ended)."""
-    if not nodes:
-        return []
-    # Ranks are found by their --output_dir=..., unique to this run directory; "[-]" keeps the
-    # pattern from matching the shell that runs pgrep itself.
-    marker = f"[-]-output_dir={output_dir}"
-    check = subprocess.run(["pdsh", "-R", "ssh", "-t", "10", "-u", "30", "-w", ",".join(nodes),
-                            f"pgrep -f -- '{marker}' >/dev/null && echo left || true"],
-                           capture_output=True, text=True)
-    leftovers = sorted(line.split(":", 1)[0] for line in check.stdout.splitlines() if line.endswith("left"))
-    if leftovers:
-        subprocess.run(["pdsh", "-R", "ssh", "-t", "10", "-u", "30", "-w", ",".join(leftovers),
-                        kill_ranks_command(marker)], capture_output=True, text=True)
-    return leftovers
+from ..module_utils.jobctl import end_leftover_ranks, job_status, start, stop
 
 
 def main():

@@ -11,7 +11,7 @@ description:
     C(hostfile) (master first, cluster addresses), C(ds_config.json) (concrete values only, no C(auto)),
     C(.deepspeed_env) (what every remote rank needs), C(plan.json) and C(launch.sh) (the launch command).
   - The launch stage of the C(deepspeed_job) role runs it on the master with I(dest) = the run directory; the
-    preview (C(playbooks/render.yml)) runs it on the controller with the same settings: the same files.
+    preview (C(playbooks/render.yml)) runs it on the controller with the same settings, so it writes the same files.
   - The user's training arguments that the config also holds (learning_rate, adam_beta1, adam_beta2,
     adam_epsilon, weight_decay, max_grad_norm) go into C(ds_config.json) and the command alike; arguments the
     launch sets itself are refused, naming the setting to change.

@@ -120,12 +120,13 @@ import os
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ..module_utils.rank_env import build_env
+
 from ..module_utils.hostfile import HostfileError, resolve_nodes
-from ..module_utils.preflight import (build_report, collective_row, failed, format_report,
-                                            parse_probe_output)
+from ..module_utils.pdsh import node_errors
 from ..module_utils.pdsh_clock import check_clocks
+from ..module_utils.preflight import build_report, collective_row, failed, format_report, parse_probe_output
 from ..module_utils.preflight_run import Collective, check_mesh, run_probes
+from ..module_utils.rank_env import build_env
 
 
 def main():
@@ -178,10 +179,9 @@ def main():
     facts = parse_probe_output(stdout)
     table = {n["name"]: {"address": n["address"], "slots": n["slots"], "facts": facts.get(n["address"])}
              for n in nodes}
-    for line in stderr.splitlines():  # pdsh's own words about a node (ssh or python failing there)
-        for address, n in by_address.items():
-            if f": {address}: " in line and table[n["name"]]["facts"] is None:
-                table[n["name"]]["facts"] = {"error": line.split(f": {address}: ", 1)[1].strip()}
+    for address, error in node_errors(stderr, list(by_address)).items():  # pdsh's own words about a node
+        if table[by_address[address]["name"]]["facts"] is None:
+            table[by_address[address]["name"]]["facts"] = {"error": error}
     rows = build_report(master, table, {by_address[a]["name"]: v for a, v in mesh.items()}, p["paths"],
                         p["min_free_gb"], p["clock_warn_seconds"], p["clock_fail_seconds"], clock)
 

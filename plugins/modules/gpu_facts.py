@@ -92,9 +92,16 @@ ansible_facts:
 import os
 
 from ansible.module_utils.basic import AnsibleModule
+
+from ..module_utils.gpus import (
+    NVIDIA_SMI_FIELDS,
+    NVIDIA_SMI_FIELDS_OLD,
+    GpuFactsError,
+    parse_meminfo,
+    parse_nvidia_smi,
+    summarize,
+)
 from ..module_utils.rank_env import interface_for_address
-from ..module_utils.gpus import (NVIDIA_SMI_FIELDS, NVIDIA_SMI_FIELDS_OLD, GpuFactsError,
-                                         parse_meminfo, parse_nvidia_smi, summarize)
 
 
 def query_gpus(module, smi):

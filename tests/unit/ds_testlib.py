@@ -39,6 +39,6 @@ def run_playbook(playbook, *args):
     try:
         out = json.loads(proc.stdout)
     except ValueError:
-        raise AssertionError("ansible-playbook printed no JSON (rc %d):\n%s\n%s"
-                             % (proc.returncode, proc.stdout, proc.stderr))
+        raise AssertionError(f"ansible-playbook printed no JSON (rc {proc.returncode}):\n{proc.stdout}\n"
+                             f"{proc.stderr}") from None
     return proc.returncode, out, proc.stderr

@@ -1,6 +1,7 @@
 """dsmesh.api's event handling, fed with ansible-runner events recorded from real runs
 (tests/unit/data/runner_events.json says which): progress lines, per-host results, failures,
 job_status. No playbook runs here."""
+import argparse
 import copy
 import json
 import re
@@ -187,7 +188,7 @@ def test_extravars_and_tags_parsing(tmp_path):
     varfile.write_text("steps: 10\nmodel: tiny\n")
     assert parse_extravars(["a=1", f"@{varfile}", "model=big", "url=http://x/?q=1"]) == {
         "a": "1", "steps": 10, "model": "big", "url": "http://x/?q=1"}
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         parse_extravars(["novalue"])
     assert api._as_list("ssh, pdsh") == ["ssh", "pdsh"] and api._as_list(["env"]) == ["env"]
     assert api._as_list(None) == [] and api._join([]) is None

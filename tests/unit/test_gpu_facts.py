@@ -2,9 +2,15 @@
 
 
 import pytest
-from ansible_collections.dsmesh.cluster.plugins.module_utils.gpus import parse_meminfo, parse_nvidia_smi, summarize, supports_bf16
 
-H20_X8 = "".join("%d, NVIDIA H20, 97871, 9.0\n" % i for i in range(8))
+from ansible_collections.dsmesh.cluster.plugins.module_utils.gpus import (
+    parse_meminfo,
+    parse_nvidia_smi,
+    summarize,
+    supports_bf16,
+)
+
+H20_X8 = "".join(f"{i}, NVIDIA H20, 97871, 9.0\n" for i in range(8))
 V100_OLD_DRIVER = "0, Tesla V100-SXM2-32GB, 32768\n1, Tesla V100-SXM2-32GB, 32768\n"
 
 

@@ -13,8 +13,9 @@ import subprocess
 import sys
 
 import pytest
-from ansible_collections.dsmesh.cluster.plugins.module_utils.rank_env import parse_ip_addr
 from ds_testlib import DATA, run_playbook
+
+from ansible_collections.dsmesh.cluster.plugins.module_utils.rank_env import parse_ip_addr
 
 H20_X8 = "".join(f"{i}, NVIDIA H20, 97871, 9.0\n" for i in range(8))
 
@@ -44,7 +45,7 @@ def results(tmp_path_factory):
     shutil.copy(DATA / "DeepSeek-R1-Distill-Qwen-32B.json", model_dir / "config.json")
     run_dir = tmp / "run"
     run_dir.mkdir()
-    h20 = _script(tmp / "nvidia-smi-h20", "cat <<'EOF'\n%sEOF\n" % H20_X8)
+    h20 = _script(tmp / "nvidia-smi-h20", f"cat <<'EOF'\n{H20_X8}EOF\n")
     broken = _script(tmp / "nvidia-smi-broken", "echo 'NVIDIA-SMI has failed because it could not communicate "
                                                 "with the NVIDIA driver.'\nexit 9\n")
     iface, address = _this_nodes_address()

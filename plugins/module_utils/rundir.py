@@ -1,0 +1,123 @@
+"""The run directory's protocol (standard library only): its files, the job's states, atomic writes,
+and the marker that finds a run's ranks on any node. The deepspeed_job module (jobctl) on the
+master, dsmesh.supervise beside the launcher and the training package all use it; the nodes get it
+with the node programs.
+
+A run directory on the master holds:
+
+    launches.json        every launch of this run (id, command, pid, start time), newest last
+    launch_command.json  the newest launch's argv, which dsmesh.supervise runs
+    logs/<id>.log        the launcher's output for each launch; launch.log points to the newest
+    exit_code            written when the launcher ends: its code, or "stopped"
+    failure.json         the node lost and why, when the supervisor ended the job for it
+    output/              the training package's: metrics.jsonl, summary.json, phase.json, checkpoints
+"""
+
+import json
+import os
+import shlex
+import tempfile
+
+LAUNCHES = "launches.json"
+LAUNCH_COMMAND = "launch_command.json"
+LOGS = "logs"
+LAUNCH_LOG = "launch.log"
+EXIT_CODE = "exit_code"
+FAILURE = "failure.json"
+# In the output directory, written by rank 0 of the training package.
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+PHASE = "phase.json"
+
+STATES = ("none", "running", "finished", "failed", "stopped")
+STOPPED = "stopped"  # exit_code of a run stop.yml ended
+
+
+def fsync_dir(path):
+    """Make a rename in `path` durable; some filesystems refuse fsync on a directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, data, mode=0o644):
+    """Replace `path` with `data` (str or bytes) so that a crash leaves the old file or the new one,
+    never a part: a temporary file in the same directory, flushed, then renamed over it."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(directory)
+
+
+def write_json_atomic(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def tail_lines(path, lines=20, window=32768):
+    """The last `lines` lines of a (possibly large) text file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - window))
+            return f.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def rank_marker(output_dir):
+    """The argument token that names this run's ranks (the launch passes it to every rank)."""
+    return f"--output_dir={output_dir}"
+
+
+def marker_pattern(output_dir):
+    """pgrep/pkill -f pattern for the run's ranks; "[-]" keeps it from matching the shell running it."""
+    return "[-]" + rank_marker(output_dir)[1:]
+
+
+def find_ranks_command(output_dir):
+    """Shell command printing "left" where a rank of this run still runs."""
+    pattern = shlex.quote(marker_pattern(output_dir))
+    return f"pgrep -f -- {pattern} >/dev/null && echo left || true"
+
+
+def kill_ranks_command(output_dir, grace_seconds=2):
+    """Shell command ending every rank of this run on a node: TERM, a grace, then KILL."""
+    pattern = shlex.quote(marker_pattern(output_dir))
+    return f"pkill -TERM -f -- {pattern} && sleep {grace_seconds}; pkill -KILL -f -- {pattern}; true"
