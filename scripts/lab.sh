@@ -9,7 +9,10 @@
 #   scripts/lab.sh image-name   print the node image's name (molecule's platforms use it)
 # Re-running any of them is safe. LAB_PREFIX (default dsmesh) names the containers, network and
 # state, so several labs (tests, benchmarks) can live side by side; LAB_INVENTORY says where the
-# inventory goes (default inventory/lab/hosts.yml for the default lab).
+# inventory goes (default inventory/lab/hosts.yml for the default lab). LAB_SUDO_USER=NAME makes
+# the nodes like a usual Ubuntu server instead: root may not log in over ssh, and NAME (the
+# cluster user) logs in with the password and becomes root with sudo and the same password.
+# The image is built from the Debian mirror this machine's apt uses (LAB_MIRROR=URL to choose).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -17,6 +20,11 @@ source scripts/podman-env.sh
 
 PREFIX=${LAB_PREFIX:-dsmesh}
 NETWORK=${LAB_NETWORK:-$PREFIX}
+SUDO_USER_NAME=${LAB_SUDO_USER:-}
+if [[ -n $SUDO_USER_NAME && ! $SUDO_USER_NAME =~ ^[a-z_][a-z0-9_-]*$ ]]; then
+  echo "lab: LAB_SUDO_USER must be a user name (lower-case letters, digits, _ and -), got '$SUDO_USER_NAME'" >&2
+  exit 2
+fi
 STATE=$ROOT/.state/lab-$PREFIX
 if [[ $PREFIX == dsmesh ]]; then
   INVENTORY=${LAB_INVENTORY:-$ROOT/inventory/lab/hosts.yml}
@@ -32,16 +40,36 @@ MOUNTS=(-v "$ROOT/.venv:$ROOT/.venv:ro")
 
 log() { printf 'lab: %s\n' "$*" >&2; }
 
+# The Debian mirror that serves bookworm's main component to this machine's apt (its sources.list
+# and sources.list.d, in either format, read by apt itself).
+debian_mirror() {
+  local uri
+  if [[ -n ${LAB_MIRROR:-} ]]; then
+    echo "${LAB_MIRROR%/}"
+    return
+  fi
+  # shellcheck disable=SC2016 # $(NAME) is apt's own field syntax
+  uri=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE) $(COMPONENT)' 'Identifier: Packages' 2>/dev/null |
+    awk '$2 == "bookworm" && $3 == "main" { print $1; exit }')
+  if [[ -z $uri ]]; then
+    log "this machine's apt sources have no Debian bookworm main component to build the node image from;"
+    log "add one (/etc/apt/sources.list.d/) or set LAB_MIRROR to a Debian mirror's URL"
+    exit 1
+  fi
+  echo "${uri%/}"
+}
+
 build_image() {
-  local rootfs
+  local rootfs mirror
+  mirror=$(debian_mirror)
   rootfs=$(mktemp -d /var/tmp/dsmesh-rootfs.XXXXXX)
-  log "building $IMAGE with debootstrap (about a minute)"
+  log "building $IMAGE with debootstrap from $mirror (about a minute)"
   # minbase plus what an installed server has: sshd, python3 for Ansible, systemd, rsync and perl
   # (Debian's installer puts it in with "standard system utilities", Ubuntu Server has it, and
   # pdsh's dshbak needs it); the pdsh role installs it where a node lacks it.
   debootstrap --variant=minbase \
     --include=perl,rsync,python3,python3-apt,openssh-server,openssh-client,sudo,iproute2,ca-certificates,procps,systemd,systemd-sysv,dbus \
-    bookworm "$rootfs" http://deb.debian.org/debian >/dev/null
+    bookworm "$rootfs" "$mirror" >/dev/null
   # Every node must generate its own host keys at first boot, not share the image's.
   rm -f "$rootfs"/etc/ssh/ssh_host_*
   cat >"$rootfs/etc/systemd/system/lab-ssh-host-keys.service" <<'UNIT'
@@ -67,7 +95,7 @@ UNIT
   # A freshly installed server as the seed's users have it: root may log in with a password.
   sed -i -e 's/^#\?PermitRootLogin.*/PermitRootLogin yes/' \
          -e 's/^#\?PasswordAuthentication.*/PasswordAuthentication yes/' "$rootfs/etc/ssh/sshd_config"
-  echo 'deb http://deb.debian.org/debian bookworm main' >"$rootfs/etc/apt/sources.list"
+  echo "deb $mirror bookworm main" >"$rootfs/etc/apt/sources.list"
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb
   tar -C "$rootfs" -c . | podman import --change 'CMD=["/sbin/init"]' --change 'STOPSIGNAL=SIGRTMIN+3' - "$IMAGE" >/dev/null
   rm -rf "$rootfs"
@@ -104,11 +132,14 @@ wait_sshd() {  # $1 = node; sshd answers on port 22 (needs its fresh host keys f
   done
 }
 
-start_node() {  # $1 = node; (re)creates it when missing or built from another image
+start_node() {  # $1 = node; (re)creates it when missing, built from another image or for another login user
   local node=$1
   if podman container exists "$node"; then
     if [[ $(podman inspect -f '{{.ImageName}}' "$node") != "$IMAGE" ]]; then
       log "$node runs an older image: recreating it"
+      podman rm -f "$node" >/dev/null
+    elif [[ $(podman inspect -f "{{index .Config.Labels \"$PREFIX.sudo_user\"}}" "$node") != "$SUDO_USER_NAME" ]]; then
+      log "$node was made for another login user: recreating it"
       podman rm -f "$node" >/dev/null
     else
       [[ $(podman inspect -f '{{.State.Running}}' "$node") == true ]] || podman start "$node" >/dev/null
@@ -117,8 +148,14 @@ start_node() {  # $1 = node; (re)creates it when missing or built from another i
   fi
   log "starting $node"
   podman run -d --name "$node" --hostname "$node" --network "$NETWORK" --label "$PREFIX.lab=1" \
-    --systemd=always --shm-size 256m "${MOUNTS[@]}" "$IMAGE" >/dev/null
+    --label "$PREFIX.sudo_user=$SUDO_USER_NAME" --systemd=always --shm-size 256m "${MOUNTS[@]}" "$IMAGE" >/dev/null
   podman exec "$node" sh -c "echo 'root:$(cat "$STATE/root_password")' | chpasswd"
+  if [[ -n $SUDO_USER_NAME ]]; then
+    # Debian's sudoers lets group sudo become root with the user's own password.
+    podman exec "$node" sh -c "useradd --create-home --shell /bin/bash --groups sudo '$SUDO_USER_NAME' &&
+      echo '$SUDO_USER_NAME:$(cat "$STATE/root_password")' | chpasswd &&
+      sed -i 's/^#\?PermitRootLogin.*/PermitRootLogin no/' /etc/ssh/sshd_config"
+  fi
   # The node's host key changed: forget what the controller knew under its name or address.
   for key in "$node" "$(node_ip "$node")"; do
     ssh-keygen -R "$key" -f "$STATE/known_hosts" >/dev/null 2>&1 || true
@@ -134,12 +171,22 @@ write_inventory() {
     echo "# Written by 'make lab' ($(date -u +%FT%TZ)); rewritten on every run."
     echo "all:"
     echo "  vars:"
-    echo "    cluster_user: root"
-    echo "    ansible_user: root"
-    echo "    # The first run logs in with the root password, like the seed's users do."
-    echo "    ansible_password: $(cat "$STATE/root_password")"
+    if [[ -n $SUDO_USER_NAME ]]; then
+      echo "    # Root may not log in over ssh: $SUDO_USER_NAME logs in with its password and becomes root with sudo."
+      echo "    cluster_user: $SUDO_USER_NAME"
+      echo "    ansible_user: $SUDO_USER_NAME"
+      echo "    ansible_password: $(cat "$STATE/root_password")"
+      echo "    ansible_become_password: $(cat "$STATE/root_password")"
+    else
+      echo "    cluster_user: root"
+      echo "    ansible_user: root"
+      echo "    # The first run logs in with the root password, like the seed's users do."
+      echo "    ansible_password: $(cat "$STATE/root_password")"
+    fi
     echo "    ansible_ssh_private_key_file: $STATE/controller_ed25519"
     echo "    controller_public_key_file: $STATE/controller_ed25519.pub"
+    echo "    # The controller reaches the nodes from the lab network's gateway: its key works from there only."
+    echo "    controller_address: $(podman network inspect -f '{{range .Subnets}}{{.Gateway}}{{end}}' "$NETWORK")"
     echo "    ansible_ssh_common_args: -o UserKnownHostsFile=$STATE/known_hosts"
     echo "    lab: $PREFIX"
     echo "    # The job: the controller's .venv is mounted read-only at the same path on every node"
@@ -205,16 +252,20 @@ cmd_up() {
   done
   for node in "${wanted[@]}"; do start_node "$node"; done
   for node in "${wanted[@]}"; do wait_sshd "$node"; done
+  if [[ -n $SUDO_USER_NAME ]]; then
+    # sshd may have read sshd_config before start_node turned root login off.
+    for node in "${wanted[@]}"; do podman exec "$node" systemctl reload ssh; done
+  fi
   record_host_keys "${wanted[@]}"
   write_inventory "${wanted[@]}"
-  log "$count node(s) up; inventory: ${INVENTORY#$ROOT/}"
+  log "$count node(s) up; inventory: ${INVENTORY#"$ROOT"/}"
 }
 
 cmd_down() {
   local nodes
-  nodes=$(existing_nodes)
-  [[ -z $nodes ]] || podman rm -f -t 2 $nodes >/dev/null
-  podman network exists "$NETWORK" && podman network rm "$NETWORK" >/dev/null || true
+  mapfile -t nodes < <(existing_nodes)
+  ((${#nodes[@]} == 0)) || podman rm -f -t 2 "${nodes[@]}" >/dev/null
+  if podman network exists "$NETWORK"; then podman network rm "$NETWORK" >/dev/null || true; fi
   rm -f "$INVENTORY" "$STATE/known_hosts"
   log "lab removed"
 }
