@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from lab import Lab
 
 ROOT = Path(__file__).resolve().parents[2]

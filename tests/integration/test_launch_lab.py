@@ -7,7 +7,6 @@ import json
 import time
 
 import pytest
-
 from lab import Lab, recap
 
 pytestmark = pytest.mark.lab

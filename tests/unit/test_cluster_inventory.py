@@ -1,6 +1,11 @@
 import pytest
 
-from ansible_collections.dsmesh.cluster.plugins.filter.cluster import cluster_address, cluster_node, key_login_targets, node_names
+from ansible_collections.dsmesh.cluster.plugins.filter.cluster import (
+    cluster_address,
+    cluster_node,
+    key_login_targets,
+    node_names,
+)
 from ansible_collections.dsmesh.cluster.plugins.module_utils.cluster_inventory import inventory_errors
 
 

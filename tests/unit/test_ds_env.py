@@ -6,8 +6,17 @@ import subprocess
 import sys
 
 import pytest
-from ansible_collections.dsmesh.cluster.plugins.module_utils.rank_env import (NCCL_IFNAME_FALLBACK, EnvError, build_env, interface_for_address,
-                                         nccl_socket_ifname, omp_threads, parse_ip_addr, render_env)
+
+from ansible_collections.dsmesh.cluster.plugins.module_utils.rank_env import (
+    NCCL_IFNAME_FALLBACK,
+    EnvError,
+    build_env,
+    interface_for_address,
+    nccl_socket_ifname,
+    omp_threads,
+    parse_ip_addr,
+    render_env,
+)
 
 # `ip -o addr show` on a machine with podman bridges (captured on the CI machine).
 IP_ADDR = """\
@@ -70,7 +79,7 @@ def test_deepspeed_runner_exports_the_file_on_remote_ranks(tmp_path):
         d.mkdir()
     record = tmp_path / "pdsh-args"
     pdsh = fakebin / "pdsh"
-    pdsh.write_text("#!/bin/sh\nprintf '%%s\\n' \"$@\" > %s\n" % record)
+    pdsh.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {record}\n")
     pdsh.chmod(pdsh.stat().st_mode | stat.S_IEXEC)
     (launch / "hostfile").write_text("172.16.80.33 slots=8\n172.16.80.31 slots=8\n")
     env_vars = build_env(user_vars={"WANDB_MODE": "offline"}, venv="/opt/ds-venv", omp_num_threads=12,
@@ -87,6 +96,6 @@ def test_deepspeed_runner_exports_the_file_on_remote_ranks(tmp_path):
     assert args[args.index("-w") + 1] == "172.16.80.33,172.16.80.31"
     remote = " ".join(args)
     for key, value in env_vars.items():
-        quoted = value if all(c.isalnum() or c in "_@%+=:,./-" for c in value) else '"%s"' % value
-        assert "export %s=%s;" % (key, quoted) in remote
+        quoted = value if all(c.isalnum() or c in "_@%+=:,./-" for c in value) else f'"{value}"'
+        assert f"export {key}={quoted};" in remote
     assert "--master_addr=172.16.80.33" in remote

@@ -4,6 +4,7 @@ import os
 import stat
 
 import pytest
+
 from ansible_collections.dsmesh.cluster.plugins.module_utils import files as ds_files
 from ansible_collections.dsmesh.cluster.plugins.module_utils.files import FileWriteError, parse_mode, write_file
 

@@ -1,8 +1,13 @@
 """deepspeed_hostfile: entries from the inventory, read back by DeepSpeed's own parser."""
 
 import pytest
-from ansible_collections.dsmesh.cluster.plugins.module_utils.hostfile import HostfileError, render_hostfile, resolve_nodes
 from deepspeed.launcher.runner import _parse_hostfile, fetch_hostfile
+
+from ansible_collections.dsmesh.cluster.plugins.module_utils.hostfile import (
+    HostfileError,
+    render_hostfile,
+    resolve_nodes,
+)
 
 NODES = [
     {"name": "gpu-node-31", "address": "172.16.80.31", "slots": 8},

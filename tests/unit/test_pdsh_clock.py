@@ -1,6 +1,11 @@
 import subprocess
 
-from ansible_collections.dsmesh.cluster.plugins.module_utils.pdsh_clock import check_clocks, clock_report, parse_dates, pdsh_command
+from ansible_collections.dsmesh.cluster.plugins.module_utils.pdsh_clock import (
+    check_clocks,
+    clock_report,
+    parse_dates,
+    pdsh_command,
+)
 
 
 def test_parse_keeps_only_date_lines():

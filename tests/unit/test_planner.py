@@ -12,13 +12,25 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
-from ansible_collections.dsmesh.cluster.plugins.module_utils.planner import (PACKAGE_ARGS, Cluster, Job, ModelShape,
-                                                                           PlanError, build_ds_config, plan,
-                                                                           summary_lines, trainer_args)
-from ansible_collections.dsmesh.cluster.plugins.module_utils.planner.memory import (
-    activation_bytes, activation_bytes_per_layer_token, model_state_bytes)
 from ds_testlib import MODEL_NAMES, model_config
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from ansible_collections.dsmesh.cluster.plugins.module_utils.planner import (
+    PACKAGE_ARGS,
+    Cluster,
+    Job,
+    ModelShape,
+    PlanError,
+    build_ds_config,
+    plan,
+    summary_lines,
+    trainer_args,
+)
+from ansible_collections.dsmesh.cluster.plugins.module_utils.planner.memory import (
+    activation_bytes,
+    activation_bytes_per_layer_token,
+    model_state_bytes,
+)
 
 GIB = 1024 ** 3
 
@@ -371,7 +383,7 @@ def test_config_overrides_merge_and_are_checked():
         build_ds_config(p, job, shape, {"train_micro_batch_size_per_gpu": p.micro_batch_size + 1})
 
 
-class DataParallelOnly(object):
+class DataParallelOnly:
     """DeepSpeed's mpu interface, saying how many data-parallel ranks the config is for."""
 
     def __init__(self, world):
@@ -475,7 +487,7 @@ def hf_args_cleanup():
     unset_hf_deepspeed_config()
 
 
-class WithWorldSize(object):
+class WithWorldSize:
     """Real TrainingArguments, seen as one rank of a bigger job (HF reads args.world_size)."""
 
     def __init__(self, args, world):
