@@ -14,6 +14,11 @@ if ! $PY -c 'import deepspeed' 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# The training package and the bench import the collection's module_utils by its collection path:
+# this checkout is the collection dsmesh.cluster.
+mkdir -p /tmp/site/ansible_collections/dsmesh
+ln -sfn "$PWD" /tmp/site/ansible_collections/dsmesh/cluster
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 # ninja (a carried wheel where the machine has none) for DeepSpeed's JIT-built ops (FusedAdam)
 if [ -d /tmp/site/bin ]; then export PATH=/tmp/site/bin:$PATH; fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -22,4 +27,4 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//a/}"; fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 $PY -c 'import torch, transformers, deepspeed; print("torch", torch.__version__, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__, torch.cuda.get_device_name())'
-exec $PY bench/gpu_throughput.py --out "${OUT:-gpu_bench}" "$@"
+exec $PY -m bench.gpu_throughput --out "${OUT:-gpu_bench}" "$@"

@@ -50,12 +50,9 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-# The planner and the GPU table are plain Python in module_utils (the collection's package); its
-# parent on sys.path makes `module_utils` importable without Ansible.
-sys.path.insert(0, os.path.join(REPO, "plugins"))
-sys.path.insert(0, REPO)
+# Run as `python -m bench.gpu_throughput` from the repository root (bench/gpu.sh does): the planner
+# and the GPU table come by their collection path, the training package from the root.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PEAK_FLOPS = 989e12
 RESERVE_S = 15  # left at the end of the budget for the table and the JSON
@@ -128,7 +125,7 @@ def flops_per_token(cfg, seq_len, lora_r=None):
 
 
 def gpu_facts():
-    from module_utils import gpus
+    from ansible_collections.dsmesh.cluster.plugins.module_utils import gpus
 
     out = subprocess.run(["nvidia-smi", f"--query-gpu={gpus.NVIDIA_SMI_FIELDS_OLD}", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True, check=True).stdout
@@ -137,7 +134,7 @@ def gpu_facts():
 
 
 def host_memory_gib():
-    from module_utils import gpus
+    from ansible_collections.dsmesh.cluster.plugins.module_utils import gpus
 
     with open("/proc/meminfo") as f:
         return gpus.parse_meminfo(f.read())
@@ -145,8 +142,8 @@ def host_memory_gib():
 
 def make_plan(model_dir, wl, overrides=None, config_overrides=None):
     """(plan, ds_config, the package's flags) exactly as the launch renders them."""
-    from module_utils import planner
-    from module_utils.launch import package_flags
+    from ansible_collections.dsmesh.cluster.plugins.module_utils import planner
+    from ansible_collections.dsmesh.cluster.plugins.module_utils.launch import package_flags
 
     gpu_name, gpu_gib = gpu_facts()
     model = planner.load_model_shape(model_dir=model_dir)
@@ -367,7 +364,7 @@ def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path
 def run_peer_variant(variant, wl, steps, warmup, a, work, model_dir, log_path, budget):
     micro = wl.get(f"{variant}_micro", wl["peer_micro"])
     result_path = os.path.join(work, variant + ".json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--peer", "--model-dir", model_dir,
+    cmd = [sys.executable, "-m", "bench.gpu_throughput", "--peer", "--model-dir", model_dir,
            "--micro", str(micro), "--accum", str(wl["global_batch"] // micro), "--steps", str(steps),
            "--warmup", str(warmup), "--seq-len", str(wl["seq_len"]), "--lr", str(wl["lr"]),
            "--seed", str(a.seed), "--result", result_path]

@@ -78,15 +78,19 @@ class Candidate:
 
 def compile_modes(engine, stage, offloaded, device):
     """The compilation modes a candidate can run with, the default first. Nothing compiles on CPU ranks
-    (the lab); DeepCompile's passes exist for ZeRO 1-3 without ZeRO-Offload."""
+    (the lab). The package's per-layer compilation (regions) runs beside DeepSpeed's hooks up to
+    ZeRO-2; ZeRO-3's parameter hooks need DeepCompile's passes (ZeRO 1-3, no ZeRO-Offload). A whole
+    model under torch.compile (torch) compiles each of its layers apart: minutes for 64 layers."""
     if device != "gpu":
         return ["none"]
     if engine == "torch":
         return ["regions", "none"]
     if offloaded:
-        return ["none", "torch"]
+        return ["none", "regions", "torch"]
     if stage == 0:
-        return ["torch", "none"]
+        return ["regions", "torch", "none"]
+    if stage in (1, 2):
+        return ["regions", "deepcompile", "torch", "none"]
     return ["deepcompile", "torch", "none"]
 
 
