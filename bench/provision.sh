@@ -110,8 +110,9 @@ json_times() {  # $1 = name of an associative array of times by node count
   printf '}'
 }
 json_or_null() { [[ $1 == n/a ]] && echo null || echo "$1"; }
+node_list=${NODES[*]}
 printf '{"bench": "provision", "nodes": [%s], "cold_s": %s, "repeat_s": %s, "cold_ratio_8_vs_2": %s, "cold_ratio_limit": %s, "repeat_4_s": %s, "repeat_4_limit_s": %s, "pass": %s, "cpus": %s, "load_before": "%s"}\n' \
-  "$(echo "${NODES[*]}" | sed 's/ /, /g')" "$(json_times COLD)" "$(json_times REPEAT)" \
+  "${node_list// /, }" "$(json_times COLD)" "$(json_times REPEAT)" \
   "$(json_or_null "$cold_ratio")" "$COLD_RATIO_LIMIT" "$(json_or_null "$repeat_4")" "$REPEAT_4_LIMIT_S" \
   "$([[ $failed == 0 ]] && echo true || echo false)" "$(nproc)" "$load_before"
 rm -rf "$LOGS"

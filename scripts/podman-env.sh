@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the Makefile's recipes and the lab scripts: points podman at a containers.conf kept
 # in the project's state folder, so nothing under /etc is edited. Why each setting:
 # crun fails here (cgroups in hybrid mode), there is no systemd on the host, and root lacks

@@ -8,7 +8,7 @@ ROOT=$PWD
 
 APT_PACKAGES=(podman runc debootstrap fuse-overlayfs slirp4netns uidmap netavark aardvark-dns
   containernetworking-plugins pdsh rsync sshpass openssh-client python3-venv python3-dev
-  build-essential git ca-certificates)
+  build-essential git ca-certificates shellcheck)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -24,7 +24,7 @@ fi
 # pdsh and its dependencies for nodes of this machine's release (the lab's nodes): the pdsh role
 # copies them from this cache (its pdsh_controller_cache_dir), so no node ever needs a mirror
 # and the tests and benchmarks stay off the network. Cheap once done; delete the folder to refresh.
-platform=$(. /etc/os-release && echo "$ID-$VERSION_CODENAME")-$(dpkg --print-architecture)
+platform=$(bash roles/pdsh/files/platform.sh)
 PDSH_DEBS=${XDG_CACHE_HOME:-$HOME/.cache}/dsmesh/debs/$platform/pdsh
 if [[ ! -f $PDSH_DEBS/Packages ]]; then
   echo "setup: downloading pdsh's packages for the nodes into $PDSH_DEBS"

@@ -1,23 +1,41 @@
 #!/usr/bin/env bash
-# `make test`: ansible-lint (production profile), the molecule scenarios, and pytest (unit tests,
-# the training package's real multi-process runs, site.yml and the whole job on container labs).
-# Stops at the first failing stage. `scripts/test.sh STAGE...` runs only the stages named
-# (lint, molecule, pytest); SCENARIOS="a b" limits molecule, PYTEST_ARGS adds pytest arguments.
+# `make test`: shellcheck over every shell script, ansible-lint (production profile), the molecule
+# scenarios, and pytest (unit tests, the training package's real multi-process runs, site.yml and
+# the whole job on container labs). Stops at the first failing stage. `scripts/test.sh STAGE...`
+# runs only the stages named (shellcheck, lint, molecule, pytest); SCENARIOS="a b" limits
+# molecule, PYTEST_ARGS adds pytest arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$PWD/.venv/bin:$PATH ANSIBLE_CONFIG=$PWD/ansible.cfg PYTHONUNBUFFERED=1
 # compiled files go under .cache, not next to the sources that are copied to the nodes
 export PYTHONPYCACHEPREFIX=$PWD/.cache/pycache
 source scripts/podman-env.sh
-stages=${*:-lint molecule pytest}
+stages=${*:-shellcheck lint molecule pytest}
 stage() { printf '\n==== %s (%s)\n' "$*" "$(date +%T)"; }
+# Every shell script of the checkout (tracked or new, not ignored): *.sh and anything with a sh
+# or bash shebang.
+shell_scripts() {
+  git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+    [[ -f $f ]] || continue
+    if [[ $f == *.sh ]] || head -n 1 "$f" 2>/dev/null | grep -qE '^#!.*\b(ba)?sh\b'; then printf '%s\n' "$f"; fi
+  done
+}
+
+if [[ " $stages " == *" shellcheck "* ]]; then
+  stage "shellcheck"
+  mapfile -t scripts < <(shell_scripts)
+  shellcheck --external-sources "${scripts[@]}"
+  echo "shellcheck: ${#scripts[@]} scripts clean"
+fi
 
 stage "node image"
 bash scripts/lab.sh image
-export DSMESH_NODE_IMAGE=$(bash scripts/lab.sh image-name)
+DSMESH_NODE_IMAGE=$(bash scripts/lab.sh image-name)
+export DSMESH_NODE_IMAGE
 
 for s in $stages; do
   case $s in
+    shellcheck) ;;
     lint)
       stage "ansible-lint (production profile)"
       ansible-lint --profile production --nocolor ;;
@@ -29,8 +47,9 @@ for s in $stages; do
       done ;;
     pytest)
       stage "pytest"
+      # shellcheck disable=SC2086 # PYTEST_ARGS holds several arguments
       python -m pytest -p no:cacheprovider -q -rs ${PYTEST_ARGS:-} tests ;;
-    *) echo "unknown stage: $s (lint, molecule, pytest)" >&2; exit 2 ;;
+    *) echo "unknown stage: $s (shellcheck, lint, molecule, pytest)" >&2; exit 2 ;;
   esac
 done
 stage "done"

@@ -23,11 +23,14 @@ def podman_env():
 class Lab:
     """A lab of N nodes under its own prefix (containers PREFIX-node1..N)."""
 
-    def __init__(self, prefix, nodes):
+    def __init__(self, prefix, nodes, sudo_user=None):
         self.prefix = prefix
         self.nodes = nodes
         self.env = podman_env()
         self.env["LAB_PREFIX"] = prefix
+        # Nodes like a usual Ubuntu server: root may not log in, sudo_user logs in and uses sudo.
+        if sudo_user:
+            self.env["LAB_SUDO_USER"] = sudo_user
         self.inventory = ROOT / "inventory" / "lab" / f"{prefix}.yml"
         self.state = ROOT / ".state" / f"lab-{prefix}"
 
@@ -63,10 +66,13 @@ class Lab:
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
         return proc
 
-    def exec(self, node, command, check=True):
-        """Run a shell command inside a node through podman (not through the mesh under test)."""
-        proc = subprocess.run(["podman", "exec", node, "bash", "-c", command], env=self.env,
-                              capture_output=True, text=True)
+    def exec(self, node, command, check=True, user=None, stdin=None):
+        """Run a shell command inside a node through podman (not through the mesh under test), as root
+        or as `user`."""
+        options = (["--user", user] if user else []) + (["-i"] if stdin is not None else [])
+        proc = subprocess.run(["podman", "exec", *options, node, "bash", "-c", command], env=self.env,
+                              capture_output=True, text=True, input=stdin,
+                              stdin=None if stdin is not None else subprocess.DEVNULL)
         if check and proc.returncode != 0:
             raise AssertionError(f"{node}: {command!r} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
         return proc

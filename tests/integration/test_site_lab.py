@@ -7,20 +7,21 @@ import copy
 import subprocess
 
 import pytest
-
-from lab import Lab, recap
+from hardening import client_audit, mismatches, policy, server_audit
+from lab import ROOT, Lab, recap
 
 pytestmark = pytest.mark.lab
 
 FOREIGN_KEY = None
+FOREIGN_KEY_DIR = None
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    global FOREIGN_KEY
+    global FOREIGN_KEY, FOREIGN_KEY_DIR
     lab = Lab("dstest", 3).up(fresh=True)
     # A key the project did not add: it must survive every run.
-    keydir = tmp_path_factory.mktemp("foreign")
+    keydir = FOREIGN_KEY_DIR = tmp_path_factory.mktemp("foreign")
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "someone@elsewhere",
                     "-f", str(keydir / "key")], check=True)
     FOREIGN_KEY = (keydir / "key.pub").read_text().strip()
@@ -142,3 +143,103 @@ def test_pdsh_from_the_master_reaches_every_node(lab):
     out = lab.exec(master, "pdsh -a hostname").stdout
     answered = sorted(line.split(":", 1)[0] for line in out.splitlines())
     assert answered == sorted(lab.names())
+
+
+def test_every_node_passes_ssh_audits_hardened_policy(lab):
+    for node, vars_ in lab.hosts().items():
+        verdict = server_audit(vars_["ansible_host"], policy("sshd_lockdown"))
+        assert verdict["passed"], f"{node}: {mismatches(verdict)}"
+
+
+def test_every_nodes_ssh_client_passes_ssh_audits_client_policy(lab):
+    nodes = lab.names()
+    for client, server in zip(nodes, nodes[1:] + nodes[:1]):
+        verdict = client_audit(lab, server, client, policy("ssh_mesh"))
+        assert verdict["passed"], f"{client} -> {server}: {mismatches(verdict)}"
+
+
+def test_sshd_turns_off_what_a_training_cluster_does_not_use(lab):
+    for node in lab.names():
+        effective = set(lab.exec(node, "sshd -T").stdout.splitlines())
+        assert {"x11forwarding no", "allowagentforwarding no", "allowtcpforwarding no", "logingracetime 30",
+                "maxauthtries 3"} <= effective, node
+        assert lab.exec(node, "ssh-keygen -l -f /etc/ssh/ssh_host_rsa_key.pub").stdout.split()[0] == "4096"
+        # SHA-1 RSA signatures (ssh-rsa) are refused until ssh_mesh_legacy_ssh_rsa asks for them.
+        sha1 = lab.exec(node, f"ssh -o HostKeyAlgorithms=ssh-rsa {node} true", check=False)
+        assert sha1.returncode != 0 and "no matching host key type" in sha1.stderr, sha1.stderr
+        # The group-exchange moduli left are all of 3072 bits or more.
+        sizes = {int(line.split()[4]) + 1 for line in lab.exec(node, "grep -v '^#' /etc/ssh/moduli").stdout.splitlines()}
+        assert sizes and min(sizes) >= 3072, (node, sorted(sizes))
+
+
+@pytest.fixture(scope="module")
+def outsider(lab):
+    """A container on the lab's network that is not in the inventory (same image, no sshd needed)."""
+    name = f"{lab.prefix}-outsider"
+    image = subprocess.run(["bash", str(ROOT / "scripts" / "lab.sh"), "image-name"], env=lab.env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(["podman", "rm", "-f", name], env=lab.env, capture_output=True)
+    subprocess.run(["podman", "run", "-d", "--name", name, "--network", lab.prefix, image, "sleep", "infinity"],
+                   env=lab.env, check=True, capture_output=True)
+    yield name
+    subprocess.run(["podman", "rm", "-f", "-t", "0", name], env=lab.env, capture_output=True)
+
+
+def test_a_node_key_is_refused_from_outside_the_cluster(lab, outsider):
+    first, second = lab.names()[:2]
+    # The outsider holds node1's private key, the cluster's known_hosts and the foreign key.
+    for path in ("/root/.ssh/id_ed25519", "/etc/ssh/ssh_known_hosts"):
+        content = lab.exec(first, f"cat {path}").stdout
+        lab.exec(outsider, f"mkdir -p -m 700 /root/.ssh && umask 077 && cat > /tmp/{path.rsplit('/', 1)[1]}", stdin=content)
+    lab.exec(outsider, "cat > /tmp/foreign", stdin=(FOREIGN_KEY_DIR / "key").read_text())
+    lab.exec(outsider, "chmod 600 /tmp/foreign /tmp/id_ed25519")
+    ssh = "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile=/tmp/ssh_known_hosts -o IdentitiesOnly=yes"
+    # By address: a container joining the network makes podman's DNS reload, so names may not resolve at once.
+    address = lab.hosts()[second]["ansible_host"]
+    stolen = lab.exec(outsider, f"{ssh} -i /tmp/id_ed25519 root@{address} hostname", check=False)
+    assert stolen.returncode != 0 and "Permission denied (publickey)" in stolen.stderr, stolen.stderr
+    # The same key from inside the cluster, and a key without from= from the outsider, log in.
+    assert lab.exec(first, f"ssh -o BatchMode=yes root@{second} hostname").stdout.strip() == second
+    unrestricted = lab.exec(outsider, f"{ssh} -i /tmp/foreign root@{address} hostname", check=False)
+    assert unrestricted.returncode == 0 and unrestricted.stdout.strip() == second, unrestricted.stderr
+
+
+def test_legacy_ssh_rsa_relaxes_exactly_ssh_rsa(lab):
+    proc = lab.playbook("site.yml", "--tags", "ssh", "-e", "ssh_mesh_legacy_ssh_rsa=true", check=True)
+    assert "ssh_mesh_legacy_ssh_rsa is on" in proc.stdout
+    expected = ["ssh-ed25519", "rsa-sha2-512", "rsa-sha2-256"]
+    nodes = lab.names()
+    for node, vars_ in lab.hosts().items():
+        verdict = server_audit(vars_["ansible_host"], policy("sshd_lockdown"))
+        assert mismatches(verdict) == {"Host keys": (expected + ["ssh-rsa"], expected)}, node
+    client, server = nodes[0], nodes[1]
+    verdict = client_audit(lab, server, client, policy("ssh_mesh"))
+    (actual, wanted), = [v for k, v in mismatches(verdict).items() if k == "Host keys"]
+    assert list(mismatches(verdict)) == ["Host keys"] and actual == wanted + ["ssh-rsa"], mismatches(verdict)
+    # What an sshd older than OpenSSH 7.2 can do, an ssh-rsa (SHA-1) host key signature, now works.
+    assert lab.exec(client, f"ssh -o HostKeyAlgorithms=ssh-rsa {server} hostname").stdout.strip() == server
+    again = lab.playbook("site.yml", "--tags", "ssh", "-e", "ssh_mesh_legacy_ssh_rsa=true", check=True)
+    assert all(r["changed"] == 0 for r in recap(again.stdout).values()), again.stdout[-3000:]
+
+
+def test_a_node_whose_openssh_cannot_meet_its_policy_keeps_its_settings_and_is_named(lab, tmp_path):
+    inv = copy.deepcopy(lab.load_inventory())
+    last = lab.names()[-1]
+    # Debian 13's policy wants mlkem768x25519-sha256, which OpenSSH 9.2 does not have.
+    inv["all"]["children"]["cluster"]["hosts"][last].update(
+        {"sshd_lockdown_crypto_policy": "Debian_13", "ssh_mesh_crypto_policy": "Debian_13"})
+    proc = lab.playbook("site.yml", "--tags", "ssh,pdsh", inventory=lab.write_inventory(inv, tmp_path / "hosts.yml"),
+                        check=True)
+    out = " ".join(proc.stdout.split())
+    assert f"WARNING: sshd on {last} keeps its own key exchanges" in out
+    assert f"{last}: KexAlgorithms mlkem768x25519-sha256" in out
+    assert f"WARNING: the ssh client of {last} keeps its default key exchanges" in out
+    dropin = lab.exec(last, "cat /etc/ssh/sshd_config.d/00-dsmesh.conf").stdout
+    lines = dropin.splitlines()
+    assert not [line for line in lines if line.startswith("KexAlgorithms")] and "PasswordAuthentication no" in lines
+    assert "ecdh-sha2-nistp256" in lab.exec(last, "sshd -T | grep ^kexalgorithms").stdout
+    # The other nodes keep the hardened policy, and the mesh and pdsh still work.
+    for node in lab.names()[:-1]:
+        assert server_audit(lab.hosts()[node]["ansible_host"], policy("sshd_lockdown"))["passed"], node
+    master = next(iter(lab.load_inventory()["all"]["children"]["master"]["hosts"]))
+    assert sorted(line.split(":", 1)[0] for line in lab.exec(master, "pdsh -a hostname").stdout.splitlines()) == sorted(lab.names())
