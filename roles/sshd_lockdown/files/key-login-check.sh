@@ -123,6 +123,6 @@ for ((i = 1; i <= count; i++)); do
 done
 if ((${#refused[@]})); then
   joined=$(printf '%s; ' "${refused[@]}")
-  echo "$what ${joined%; }${fix:+. $fix}" >&2
+  echo "$what ${joined%; }${fix:+ $fix}" >&2
   exit 1
 fi
