@@ -54,7 +54,6 @@ import time
 # and the GPU table come by their collection path, the training package from the root.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-PEAK_FLOPS = 989e12
 RESERVE_S = 15  # left at the end of the budget for the table and the JSON
 
 WORKLOADS = {
@@ -79,50 +78,6 @@ WORKLOADS = {
 # DeepCompile compiles at step 1 and again at step 6 (DeepSpeed's schedule: prefetch and selective
 # unsharding from its 5th global step): tokens/s starts after that.
 DEEPCOMPILE_WARMUP = 6
-
-# Hugging Face's documented ZeRO-3 config (transformers docs, "DeepSpeed" -> ZeRO-3 example), without
-# the CPU offload sections (slower; a one-GPU user with room would drop them).
-HF_ZERO3_AUTO = {
-    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
-             "hysteresis": 2, "min_loss_scale": 1},
-    "bf16": {"enabled": "auto"},
-    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
-    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
-                                                  "warmup_num_steps": "auto"}},
-    "zero_optimization": {
-        "stage": 3,
-        "overlap_comm": True,
-        "contiguous_gradients": True,
-        "sub_group_size": 1e9,
-        "reduce_bucket_size": "auto",
-        "stage3_prefetch_bucket_size": "auto",
-        "stage3_param_persistence_threshold": "auto",
-        "stage3_max_live_parameters": 1e9,
-        "stage3_max_reuse_distance": 1e9,
-        "stage3_gather_16bit_weights_on_model_save": True,
-    },
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "steps_per_print": 2000,
-    "train_batch_size": "auto",
-    "train_micro_batch_size_per_gpu": "auto",
-    "wall_clock_breakdown": False,
-}
-
-
-def flops_per_token(cfg, seq_len, lora_r=None):
-    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or h // heads
-    q, kvd = heads * hd, kv * hd
-    per_layer = h * q + 2 * h * kvd + q * h + 3 * h * inter
-    dense = layers * per_layer + vocab * h  # LM head counted (tied or not), embedding lookup not
-    attention = 12 * layers * q * seq_len
-    if lora_r:
-        adapters = layers * lora_r * ((h + q) + 2 * (h + kvd) + (q + h) + 2 * (h + inter) + (inter + h))
-        return 4 * dense + 6 * adapters + attention
-    return 6 * dense + attention
-
 
 def gpu_facts():
     from ansible_collections.dsmesh.cluster.plugins.module_utils import gpus
@@ -171,85 +126,6 @@ def ours_plans(model_dir, wl, variants, a):
                 overrides["compile"] = "none"
             plans[v] = make_plan(model_dir, wl, overrides, a.ds_config_override or None)
     return plans
-
-
-# ---------------------------------------------------------------------------------------------
-# The peer: a plain HF Trainer script (runs in its own process)
-
-
-def run_peer(a):
-    if a.deepspeed:
-        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                     ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
-            os.environ.setdefault(k, v)
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
-
-    from train.data import SyntheticDataset
-
-    fields = TrainingArguments.__dataclass_fields__
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    out_dir = tempfile.mkdtemp(prefix="peer.")
-    targs = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=a.micro, gradient_accumulation_steps=a.accum,
-        max_steps=a.steps, learning_rate=a.lr, bf16=True, logging_steps=1, save_strategy="no", report_to=[],
-        remove_unused_columns=False, seed=a.seed, disable_tqdm=True,
-        deepspeed=dict(HF_ZERO3_AUTO) if a.deepspeed else None,
-        # DeepSpeed 0.19.8's WarmupLR rejects warmup_num_steps 0 (what "auto" becomes by default)
-        warmup_steps=1 if a.deepspeed else 0,
-        **{ckpt: True, ckpt + "_kwargs": {"use_reentrant": False}})
-    config = AutoConfig.from_pretrained(a.model_dir)
-    config.use_cache = False
-    # The same math as ours: a full fine-tune without DeepSpeed keeps fp32 weights and trains under
-    # bf16 autocast (HF's --bf16 on an fp32 model); DeepSpeed's bf16 mode keeps fp32 masters itself.
-    dtype = torch.float32 if not a.deepspeed and not a.lora else torch.bfloat16
-    torch.manual_seed(a.seed)
-    if a.deepspeed:  # ZeRO-3: transformers builds it partitioned (deepspeed.zero.Init)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    else:
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    if a.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
-    data = SyntheticDataset(a.steps * a.micro * a.accum, a.seq_len, config.vocab_size, a.seed)
-    times, losses = [], []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if not times:
-                torch.cuda.synchronize()
-                times.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
-            times.append(time.perf_counter())
-            if state.global_step == a.warmup:
-                torch.cuda.reset_peak_memory_stats()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-    trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[Clock()])
-    trainer.train()
-    step_s = [t1 - t0 for t0, t1 in zip(times, times[1:])]
-    steady = step_s[a.warmup:]
-    tokens_per_step = a.micro * a.accum * a.seq_len
-    result = {"step_seconds": step_s, "losses": losses,
-              "tokens_per_s": tokens_per_step * len(steady) / sum(steady),
-              "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-    with open(a.result, "w") as f:
-        json.dump(result, f)
-    shutil.rmtree(out_dir, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Driver
 
 
 class Budget:
@@ -364,7 +240,7 @@ def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path
 def run_peer_variant(variant, wl, steps, warmup, a, work, model_dir, log_path, budget):
     micro = wl.get(f"{variant}_micro", wl["peer_micro"])
     result_path = os.path.join(work, variant + ".json")
-    cmd = [sys.executable, "-m", "bench.gpu_throughput", "--peer", "--model-dir", model_dir,
+    cmd = [sys.executable, "-m", "bench.gpu_peers", "--model-dir", model_dir,
            "--micro", str(micro), "--accum", str(wl["global_batch"] // micro), "--steps", str(steps),
            "--warmup", str(warmup), "--seq-len", str(wl["seq_len"]), "--lr", str(wl["lr"]),
            "--seed", str(a.seed), "--result", result_path]
@@ -453,19 +329,7 @@ def main():
                         "'{\"zero_optimization\": {\"stage3_prefetch_bucket_size\": 200000000}}'")
     p.add_argument("--ours-extra", default="", help="extra `python -m train` arguments for the ours* variants, "
                    "appended after the plan's (experiments beyond the plan, e.g. '--checkpoint_layers 40')")
-    # internal: one peer run
-    p.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--model-dir")
-    p.add_argument("--micro", type=int)
-    p.add_argument("--accum", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--lora", action="store_true")
-    p.add_argument("--deepspeed", action="store_true")
-    p.add_argument("--result")
     a = p.parse_args()
-    if a.peer:
-        return run_peer(a)
 
     os.makedirs(a.out, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -485,9 +349,13 @@ def main():
                        check=True, stdout=subprocess.DEVNULL)
         with open(os.path.join(model_dir, "config.json")) as f:
             cfg = json.load(f)
-        fpt = flops_per_token(cfg, wl["seq_len"], 16 if wl["finetune"] == "lora" else None)
+        from ansible_collections.dsmesh.cluster.plugins.module_utils import gpus, planner
+
+        shape = planner.ModelShape.from_config(cfg)
+        fpt = shape.training_flops_per_token(wl["seq_len"], 16 if wl["finetune"] == "lora" else None)
+        peak_flops = gpus.gpu_spec(gpu_facts()[0])["peak_tflops"] * 1e12
         plans = ours_plans(model_dir, wl, variants, a)
-        for variant, (plan, ds_cfg, argv) in plans.items():
+        for variant, (plan, _, argv) in plans.items():
             print(f"[{name}] {variant} plan: {plan.label}; compile {plan.compile}; predicted peak "
                   f"{plan.predicted_peak_allocated_gib:.1f} GiB allocated, {plan.predicted_peak_reserved_gib:.1f} "
                   f"reserved; {' '.join(argv)}", flush=True)
@@ -513,7 +381,7 @@ def main():
             r.update({"workload": name, "variant": variant, "steps": run_steps, "warmup": warmup,
                       "global_batch": wl["global_batch"], "seq_len": wl["seq_len"], "flops_per_token": fpt})
             if r.get("tokens_per_s"):
-                r["mfu"] = r["tokens_per_s"] * fpt / PEAK_FLOPS
+                r["mfu"] = r["tokens_per_s"] * fpt / peak_flops
             res[variant] = r
             with open(results_path, "a") as f:
                 f.write(json.dumps(r) + "\n")

@@ -1,17 +1,17 @@
 """Compare the planner's predicted peak GPU memory with what a real run measures.
 
 For one plan (a model shape, a sequence length, and the plan choices), this builds the plan and
-its ds_config.json with plugins/module_utils/ds_planner.py, trains a random-init model of that
+its ds_config.json with the planner (plugins/module_utils/planner), trains a random-init model of that
 shape for a few steps with HF Trainer + DeepSpeed, and prints predicted vs measured peak memory
 (torch.cuda.max_memory_allocated / max_memory_reserved over the steps after the first, the
 steady state the plan describes; the set-up + first-step peak is reported next to it) as a
 small table and a JSON line.
 
     # one GPU (single process; use `deepspeed --num_gpus N` for more ranks)
-    python bench/plan_vs_measured.py --config tests/unit/data/models/Qwen2.5-0.5B.json \
+    python -m bench.plan_vs_measured --config tests/unit/data/models/Qwen2.5-0.5B.json \
         --seq-len 2048 --micro-batch 4 --stage 2 --no-checkpointing
     # CPU smoke test (tiny shape, fp32): checks the script runs; measured memory is "n/a"
-    python bench/plan_vs_measured.py --cpu
+    python -m bench.plan_vs_measured --cpu
 
 No Ansible needed: the planner is plain Python. No weights are downloaded: the model is built
 from the config's shape with random weights.
@@ -25,11 +25,8 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "plugins", "module_utils"))
-
-import ds_gpu  # noqa: E402  (plain modules, no Ansible)
-import ds_planner  # noqa: E402
+from ansible_collections.dsmesh.cluster.plugins.module_utils import gpus, planner
+from ansible_collections.dsmesh.cluster.plugins.module_utils.planner.settings import GIB
 
 TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024, "tie_word_embeddings": False,
@@ -65,7 +62,7 @@ def free_port():
 
 def host_memory_gib():
     with open("/proc/meminfo") as fd:
-        return ds_gpu.parse_meminfo(fd.read())
+        return gpus.parse_meminfo(fd.read())
 
 
 def main():
@@ -89,33 +86,33 @@ def main():
         cfg, name = dict(TINY), "tiny-qwen2"
     if args.layers:
         cfg = dict(cfg, num_hidden_layers=args.layers)
-        name += "-%dL" % args.layers
+        name += f"-{args.layers}L"
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
 
-    shape = ds_planner.ModelShape.from_config(cfg, name=name)
+    shape = planner.ModelShape.from_config(cfg, name=name)
     if use_gpu:
         torch.cuda.set_device(local_rank)
         props = torch.cuda.get_device_properties(local_rank)
-        cluster = ds_planner.Cluster([world], gpu_memory_gib=props.total_memory / ds_planner.GIB,
+        cluster = planner.Cluster([world], gpu_memory_gib=props.total_memory / GIB,
                                      host_memory_gib=host_memory_gib(), bf16=torch.cuda.is_bf16_supported(),
                                      gpu_model=props.name)
     else:
-        cluster = ds_planner.Cluster([world], host_memory_gib=host_memory_gib(), device="cpu")
-    job = ds_planner.Job(seq_len=args.seq_len, global_batch_size=args.micro_batch * args.accum * world,
+        cluster = planner.Cluster([world], host_memory_gib=host_memory_gib(), device="cpu")
+    job = planner.Job(seq_len=args.seq_len, global_batch_size=args.micro_batch * args.accum * world,
                          finetune=args.finetune, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
                          lora_dropout=args.lora_dropout)
-    overrides = {"zero_stage": args.stage, "offload_optimizer": args.offload_optimizer,
+    overrides = {"engine": "deepspeed", "zero_stage": args.stage, "compile": "none", "offload_optimizer": args.offload_optimizer,
                  "offload_param": args.offload_param, "gradient_checkpointing": args.checkpointing,
                  "micro_batch_size": args.micro_batch}
     try:
-        plan = ds_planner.plan(shape, cluster, job, overrides=overrides)
-    except ds_planner.PlanError as exc:
-        print("the planner says this plan does not fit:\n%s" % exc, file=sys.stderr)
+        plan = planner.plan(shape, cluster, job, overrides=overrides)
+    except planner.PlanError as exc:
+        print(f"the planner says this plan does not fit:\n{exc}", file=sys.stderr)
         return 2
-    ds_config = ds_planner.build_ds_config(plan, job, shape)
-    targs = ds_planner.trainer_args(ds_config, plan)
+    ds_config = planner.build_ds_config(plan, job, shape)
+    targs = {k: v for k, v in planner.trainer_args(ds_config, plan).items() if k not in planner.PACKAGE_ARGS}
 
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -133,14 +130,14 @@ def main():
         torch.cuda.reset_peak_memory_stats()
     config = AutoConfig.for_model(**cfg)
     config.use_cache = False
-    dtype = torch.bfloat16 if plan["precision"] == "bf16" else (torch.float16 if plan["precision"] == "fp16"
+    dtype = torch.bfloat16 if plan.precision == "bf16" else (torch.float16 if plan.precision == "fp16"
                                                                 else torch.float32)
     torch.manual_seed(0)
     # Under ZeRO-3, TrainingArguments registered the config: from_config partitions at creation.
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if args.finetune == "lora":
         from peft import LoraConfig, get_peft_model
-        lora = plan["lora"]
+        lora = plan.lora
         model = get_peft_model(model, LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"],
                                                  lora_dropout=lora["dropout"],
                                                  target_modules=lora["target_modules"]))
@@ -178,14 +175,14 @@ def main():
     row = {
         "model": name,
         "parameters_b": shape.describe()["parameters_b"],
-        "plan": plan["label"],
+        "plan": plan.label,
         "finetune": args.finetune,
         "seq_len": args.seq_len,
         "world_size": world,
         "device": torch.cuda.get_device_name(local_rank) if use_gpu else "cpu",
-        "predicted_allocated_gib": plan["predicted_peak_allocated_gib"],
-        "predicted_reserved_gib": plan["predicted_peak_reserved_gib"],
-        "predicted_breakdown_gib": dict((k, v) for k, v in plan["gpu_memory_gib"].items()
+        "predicted_allocated_gib": plan.predicted_peak_allocated_gib,
+        "predicted_reserved_gib": plan.predicted_peak_reserved_gib,
+        "predicted_breakdown_gib": dict((k, v) for k, v in plan.gpu_memory_gib.items()
                                         if k in ("model_states", "activations", "buffers", "fragmentation")),
         "measured_allocated_gib": "n/a",
         "measured_reserved_gib": "n/a",
@@ -195,21 +192,22 @@ def main():
         "seconds": round(elapsed, 1),
     }
     if use_gpu:
-        alloc = torch.cuda.max_memory_allocated(local_rank) / ds_planner.GIB
-        reserved = torch.cuda.max_memory_reserved(local_rank) / ds_planner.GIB
+        alloc = torch.cuda.max_memory_allocated(local_rank) / GIB
+        reserved = torch.cuda.max_memory_reserved(local_rank) / GIB
         row["measured_allocated_gib"] = round(alloc, 2)
         row["measured_reserved_gib"] = round(reserved, 2)
-        row["error_allocated_pct"] = round((plan["predicted_peak_allocated_gib"] - alloc) / alloc * 100, 1)
-        row["error_reserved_pct"] = round((plan["predicted_peak_reserved_gib"] - reserved) / reserved * 100, 1)
+        row["error_allocated_pct"] = round((plan.predicted_peak_allocated_gib - alloc) / alloc * 100, 1)
+        row["error_reserved_pct"] = round((plan.predicted_peak_reserved_gib - reserved) / reserved * 100, 1)
         # Set-up and first step included (DeepSpeed flattens parameters, Adam creates its state).
-        row["measured_allocated_gib_first_step"] = round(whole_run.get("allocated", 0) / ds_planner.GIB, 2)
-        row["measured_reserved_gib_first_step"] = round(whole_run.get("reserved", 0) / ds_planner.GIB, 2)
+        row["measured_allocated_gib_first_step"] = round(whole_run.get("allocated", 0) / GIB, 2)
+        row["measured_reserved_gib_first_step"] = round(whole_run.get("reserved", 0) / GIB, 2)
     if rank == 0:
-        print("\nplan: %s (%s, %s, seq %d, %d rank(s))" % (row["plan"], name, args.finetune, args.seq_len, world))
-        print("%-10s %12s %12s" % ("", "allocated", "reserved"))
-        print("%-10s %12s %12s" % ("predicted", row["predicted_allocated_gib"], row["predicted_reserved_gib"]))
-        print("%-10s %12s %12s" % ("measured", row["measured_allocated_gib"], row["measured_reserved_gib"]))
-        print("%-10s %12s %12s" % ("error %", row["error_allocated_pct"], row["error_reserved_pct"]))
+        print(f"\nplan: {row['plan']} ({name}, {args.finetune}, seq {args.seq_len}, {world} rank(s))")
+        for label, a, b in (("", "allocated", "reserved"),
+                            ("predicted", row["predicted_allocated_gib"], row["predicted_reserved_gib"]),
+                            ("measured", row["measured_allocated_gib"], row["measured_reserved_gib"]),
+                            ("error %", row["error_allocated_pct"], row["error_reserved_pct"])):
+            print(f"{label:<10} {a!s:>12} {b!s:>12}")
         print("RESULT " + json.dumps(row, sort_keys=True))
         if args.out:
             with open(args.out, "a") as fd:

@@ -377,6 +377,11 @@ def save_final_model(trainer, tokenizer, out_dir, lora_args):
     state_dict = _full_state_dict(trainer, trainable_only=is_peft and not lora_args.merge_lora)
     config = (model.get_base_model() if is_peft else model).config
     config.use_cache = True  # off for training (packing needs it off); inference wants the KV cache
+    dtype = training_dtype(args)
+    if state_dict is not None and not is_peft and dtype != torch.float32:
+        # fp32 master weights are the optimizer's; the model is written in the precision it trained in
+        state_dict = {k: v.to(dtype) if v.dtype == torch.float32 else v for k, v in state_dict.items()}
+        config.dtype = dtype
     if main:
         tmp = out_dir + ".tmp"
         if os.path.exists(tmp):

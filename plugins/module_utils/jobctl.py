@@ -67,6 +67,11 @@ def job_status(run_dir, output_dir):
     if metrics:
         status.update(step=metrics.get("step"), loss=metrics.get("loss"),
                       tokens_per_s=metrics.get("tokens_per_s"), metrics=metrics)
+    predicted = (rundir.read_json(os.path.join(run_dir, rundir.PLAN)) or {}).get("predicted_tokens_per_s")
+    if predicted:
+        status["predicted_tokens_per_s"] = predicted
+        if status.get("tokens_per_s"):
+            status["speed_vs_predicted"] = round(status["tokens_per_s"] / predicted, 3)
     phase = rundir.read_json(os.path.join(output_dir, rundir.PHASE))
     if phase and state == "running":
         status["phase"] = phase

@@ -6,6 +6,7 @@ with the node programs.
 A run directory on the master holds:
 
     launches.json        every launch of this run (id, command, pid, start time), newest last
+    plan.json            the plan the render chose (with its predicted memory and speed)
     launch_command.json  the newest launch's argv, which dsmesh.supervise runs
     logs/<id>.log        the launcher's output for each launch; launch.log points to the newest
     exit_code            written when the launcher ends: its code, or "stopped"
@@ -19,6 +20,7 @@ import shlex
 import tempfile
 
 LAUNCHES = "launches.json"
+PLAN = "plan.json"
 LAUNCH_COMMAND = "launch_command.json"
 LOGS = "logs"
 LAUNCH_LOG = "launch.log"

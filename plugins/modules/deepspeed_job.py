@@ -85,7 +85,8 @@ job_status:
   description:
     - The newest run's state (C(none), C(running), C(finished), C(failed), C(stopped)) and numbers - C(run_id),
       C(run_dir), C(pid), C(started), C(exit_code), C(log); once training logged a step C(step), C(loss),
-      C(tokens_per_s) and the whole C(metrics) line; while running C(phase) (C(loading), C(compiling),
+      C(tokens_per_s) and the whole C(metrics) line, with the plan's C(predicted_tokens_per_s) and
+      C(speed_vs_predicted) (measured over predicted) where the plan has them; while running C(phase) (C(loading), C(compiling),
       C(training), C(saving) and since when); when finished C(summary); when failed C(failed_nodes),
       C(failed_node), C(failure) (the supervisor's record of a lost node) and C(log_tail).
   returned: always

@@ -590,3 +590,23 @@ def test_partial_checkpointing_keeps_as_many_layers_as_fit():
     full = plan(shape, cluster, job, overrides={"micro_batch_size": 2, "checkpoint_layers": 64})
     assert full.relative_step_time > p.relative_step_time
     assert "checkpoint_layers" not in trainer_args(build_ds_config(full, job, shape), full)
+
+
+def test_predicted_speed_from_the_gpu_table():
+    shape = ModelShape.from_config(model_config("Qwen2.5-1.5B"))
+    job = Job(seq_len=2048, global_batch_size=8)
+    p = plan(shape, Cluster([1], gpu_memory_gib=139.8, host_memory_gib=128, gpu_model="NVIDIA H200"), job)
+    # the H200 run (docs/gpu-benchmarks.md): 49,259 tokens/s, 51.4% MFU; the prediction is within 15%
+    assert p.peak_tflops_per_gpu == 989 and abs(p.predicted_tokens_per_s / 49259 - 1) < 0.15
+    assert p.predicted_step_seconds == round(8 * 2048 / p.predicted_tokens_per_s, 3)
+    assert any(line.startswith("speed: about") for line in summary_lines(p))
+    # twice the GPUs, about twice the tokens/s; an unknown GPU gets no absolute figure and says so
+    two = plan(shape, Cluster([2], gpu_memory_gib=139.8, host_memory_gib=128, gpu_model="NVIDIA H200"), job)
+    assert 1.4 < two.predicted_tokens_per_s / p.predicted_tokens_per_s < 2.0
+    unknown = plan(shape, Cluster([1], gpu_memory_gib=80, host_memory_gib=128, gpu_model="Some GPU"), job)
+    assert unknown.predicted_tokens_per_s is None
+    assert any("not in the GPU table" in line for line in summary_lines(unknown))
+    # the FLOPs per token of docs/gpu-benchmarks.md (the training package's formula on the real models)
+    assert round(shape.training_flops_per_token(2048) / 1e9, 2) == 10.32
+    big = ModelShape.from_config(model_config("DeepSeek-R1-Distill-Qwen-32B"))
+    assert round(big.training_flops_per_token(2048, lora_rank=16) / 1e9, 1) == 136.8

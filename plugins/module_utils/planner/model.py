@@ -126,6 +126,18 @@ class ModelShape:
         per_layer = sum(rank * (fin + fout) for name, fin, fout, _ in self.linear_shapes() if name in targets)
         return self.num_layers * per_layer
 
+    def training_flops_per_token(self, seq_len, lora_rank=None, lora_targets=ADAPTER_TARGETS):
+        """Model FLOPs per trained token (PaLM appendix B / nanoGPT): 6 per matmul weight (forward 2,
+        backward 4), 4 per frozen one under LoRA (no weight gradients), plus attention's
+        12 x layers x q_dim x seq_len. The input embedding is a lookup; the LM head is a matmul, tied
+        or not. Recomputation (checkpointing) is not counted: it is hardware, not model, FLOPs."""
+        dense = self.num_layers * sum(fin * fout for _, fin, fout, _ in self.linear_shapes())
+        dense += self.vocab_size * self.hidden_size
+        attention = 12 * self.num_layers * self.q_dim * seq_len
+        if lora_rank:
+            return 4 * dense + 6 * self.lora_parameters(lora_rank, lora_targets) + attention
+        return 6 * dense + attention
+
     def describe(self):
         return {
             "name": self.name,

@@ -2,6 +2,7 @@
 
 from dataclasses import asdict, dataclass, field
 
+from ..gpus import gpu_spec
 from .memory import trainable_parameters
 from .settings import gib
 
@@ -51,6 +52,12 @@ class Plan:
     warnings: list
     lora: dict = None
     deepcompile_memory_bound_gib: float = None
+    # Absolute speed, where the GPU table knows the GPU's peak: the speed model's relative time turned
+    # into MFU with settings base_mfu (calibrated on this project's H200 runs).
+    peak_tflops_per_gpu: float = None
+    predicted_mfu: float = None
+    predicted_tokens_per_s: float = None
+    predicted_step_seconds: float = None
     why: list = field(default_factory=list)
 
     @classmethod
@@ -63,6 +70,7 @@ class Plan:
         if job.finetune == "lora":
             lora = {"rank": job.lora_rank, "alpha": job.lora_alpha, "dropout": job.lora_dropout,
                     "target_modules": list(job.lora_targets)}
+        speed = predicted_speed(model, job, cluster, step_time, settings)
         bound = None
         if cand.compile == "deepcompile" and cand.stage == 3:
             bound = gib(max(est["device_total"] * DEEPCOMPILE_MEMORY_FRACTION, est["peak_reserved"]))
@@ -80,10 +88,24 @@ class Plan:
             host_memory_gib={k: gib(v) for k, v in est["host"].items()}, host_memory_usable_gib=gib(est["host_usable"]),
             predicted_peak_allocated_gib=gib(est["peak_allocated"]),
             predicted_peak_reserved_gib=gib(est["peak_reserved"]), overrides=overrides, settings=settings,
-            warnings=list(warnings), lora=lora, deepcompile_memory_bound_gib=bound)
+            warnings=list(warnings), lora=lora, deepcompile_memory_bound_gib=bound, **speed)
 
     def as_dict(self):
         return asdict(self)
+
+
+def predicted_speed(model, job, cluster, step_time, settings):
+    """Tokens/s over the whole cluster and seconds per optimizer step, where the GPU's peak is known."""
+    spec = gpu_spec(cluster.gpu_model) if cluster.device == "gpu" else None
+    if not spec:
+        return {}
+    mfu = settings["base_mfu"] / step_time
+    flops = model.training_flops_per_token(job.seq_len, job.lora_rank if job.finetune == "lora" else None,
+                                           job.lora_targets)
+    tokens_per_s = mfu * spec["peak_tflops"] * 1e12 * cluster.world_size / flops
+    return {"peak_tflops_per_gpu": spec["peak_tflops"], "predicted_mfu": round(mfu, 4),
+            "predicted_tokens_per_s": round(tokens_per_s, 1),
+            "predicted_step_seconds": round(job.global_batch_size * job.seq_len / tokens_per_s, 3)}
 
 
 def breakdown_gib(est):
@@ -129,6 +151,15 @@ def why_lines(p):
     return lines
 
 
+def speed_line(p):
+    if p.predicted_tokens_per_s is None:
+        return (f"speed: {p.gpu_model or p.device} is not in the GPU table (plugins/module_utils/gpus.py): no "
+                "absolute prediction; pass the peak with the training package's --peak_tflops for MFU")
+    return (f"speed: about {p.predicted_tokens_per_s:,.0f} tokens/s over {p.world_size} GPU(s) "
+            f"({100 * p.predicted_mfu:.0f}% MFU of {p.peak_tflops_per_gpu:g} TFLOP/s each), "
+            f"{p.predicted_step_seconds:.1f} s per step, {1e9 / p.predicted_tokens_per_s / 3600:.1f} h per billion tokens")
+
+
 def _count(n):
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
@@ -145,6 +176,7 @@ def summary_lines(p):
         f"{g['device_total']:.0f} GiB per {unit}",
         f"plan: {p.label}, {p.gradient_accumulation_steps} accumulation step(s), relative step time "
         f"{p.relative_step_time:.2f}",
+        speed_line(p),
         f"weights: {MASTER_WEIGHTS[p.master_weights]}",
         "GPU memory per rank (GiB): " + ", ".join(
             f"{k} {g[k]:.2f}" for k in sorted(g) if k.startswith("model_states.") and g[k]),

@@ -50,12 +50,17 @@ DEFAULT_SETTINGS = {
     # compiles the same graphs.
     "compile_cost": {"regions": 0.8, "deepcompile": 0.86, "torch": 0.86, "none": 1.0},
     # ZeRO-3's per-module hooks cost time even on one GPU: the package's eager ZeRO-3 took 1.32x the
-    # time of ZeRO-0 for Qwen2.5-1.5B at 16384 tokens per micro-batch (H200). Per 4096 tokens at
+    # time of the torch engine, eager, for Qwen2.5-1.5B at 16384 tokens per micro-batch (H200). Per 4096 tokens at
     # hidden size micro_efficiency_hidden; wider layers spend less of their time in the hooks.
     "zero3_hook_cost": 1.27,
     # The part of that hook time left under DeepCompile, which replaces the hooks by graph passes
     # (a bare ZeRO-3 loop on an H200: 19.8k -> 41.3k tokens/s).
     "deepcompile_hook_cost": 0.1,
+    # MFU of a step of relative time 1.0 under the speed model: predicted MFU = this / relative step
+    # time. Fitted to the package's six H200 runs (docs/gpu-benchmarks.md: Qwen2.5-1.5B torch engine,
+    # ZeRO-3 DeepCompile and eager; the 32B shape in 8 layers ZeRO-3 DeepCompile; 32B LoRA torch
+    # engine and ZeRO-0), which it predicts within -10% to +24%.
+    "base_mfu": 0.48,
 }
 
 
