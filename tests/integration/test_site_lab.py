@@ -181,6 +181,9 @@ def outsider(lab):
     subprocess.run(["podman", "rm", "-f", name], env=lab.env, capture_output=True)
     subprocess.run(["podman", "run", "-d", "--name", name, "--network", lab.prefix, image, "sleep", "infinity"],
                    env=lab.env, check=True, capture_output=True)
+    # A container joining the network makes podman's DNS reload: names fail to resolve for a moment.
+    first, second = lab.names()[:2]
+    lab.exec(first, f"for i in $(seq 100); do getent hosts {second} >/dev/null && exit 0; sleep 0.1; done; exit 1")
     yield name
     subprocess.run(["podman", "rm", "-f", "-t", "0", name], env=lab.env, capture_output=True)
 
@@ -194,7 +197,6 @@ def test_a_node_key_is_refused_from_outside_the_cluster(lab, outsider):
     lab.exec(outsider, "cat > /tmp/foreign", stdin=(FOREIGN_KEY_DIR / "key").read_text())
     lab.exec(outsider, "chmod 600 /tmp/foreign /tmp/id_ed25519")
     ssh = "ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile=/tmp/ssh_known_hosts -o IdentitiesOnly=yes"
-    # By address: a container joining the network makes podman's DNS reload, so names may not resolve at once.
     address = lab.hosts()[second]["ansible_host"]
     stolen = lab.exec(outsider, f"{ssh} -i /tmp/id_ed25519 root@{address} hostname", check=False)
     assert stolen.returncode != 0 and "Permission denied (publickey)" in stolen.stderr, stolen.stderr
