@@ -203,8 +203,8 @@ def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path
     by_step = {h["step"]: h for h in hist}
     first, last = by_step[warmup], hist[-1]
     r["tokens_per_s"] = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
-    r["peak_allocated_gib"] = max(h.get("memory_gb") or 0 for h in hist[1:] or hist)
-    r["peak_reserved_gib"] = max(h.get("memory_reserved_gb") or 0 for h in hist[1:] or hist) or None
+    r["peak_allocated_gib"] = max(h.get("memory_gib") or 0 for h in hist[1:] or hist)
+    r["peak_reserved_gib"] = max(h.get("memory_reserved_gib") or 0 for h in hist[1:] or hist) or None
     with open(os.path.join(out_dir, "summary.json")) as f:
         r["package_mfu"] = json.load(f)["mfu"]
     with open(log_path, errors="replace") as f:

@@ -94,7 +94,7 @@ def manifest(path, checksum=True):
     return out
 
 
-def free_gb(path):
+def free_gib(path):
     while path and not os.path.exists(path):
         path = os.path.dirname(path)
     return round(shutil.disk_usage(path or "/").free / 2**30, 1)
@@ -108,7 +108,7 @@ def probe(paths, disk, checksum):
         "torch": torch_facts(),
         **gpu_facts(),
         "paths": {name: manifest(p, checksum) for name, p in paths.items()},
-        "disk_free_gb": free_gb(disk) if disk else None,
+        "disk_free_gib": free_gib(disk) if disk else None,
         "time": time.time(),
     }
     return facts

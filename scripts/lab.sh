@@ -202,7 +202,7 @@ write_inventory() {
     echo "    deepspeed_job_global_batch_size: 8"
     echo "    deepspeed_job_plan_overrides: {zero_stage: 3}"
     echo "    deepspeed_job_train_args: {max_steps: 40, save_steps: 10, logging_steps: 2, learning_rate: 0.003, warmup_steps: 2}"
-    echo "    deepspeed_job_preflight_min_free_gb: 1"
+    echo "    deepspeed_job_preflight_min_free_gib: 1"
     echo "    # All lab nodes share this machine's cores: one thread per rank."
     echo "    deepspeed_job_env: {DS_ACCELERATOR: cpu, OMP_NUM_THREADS: 1, DEEPSPEED_TIMEOUT: 2}"
     echo "  children:"

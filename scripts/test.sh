@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make test`: shellcheck over every shell script, ansible-lint (production profile), the molecule
+# `make test`: shellcheck over every shell script, ruff and ansible-lint (production profile), the molecule
 # scenarios, and pytest (unit tests, the training package's real multi-process runs, site.yml and
 # the whole job on container labs). Stops at the first failing stage. `scripts/test.sh STAGE...`
 # runs only the stages named (shellcheck, lint, molecule, pytest); SCENARIOS="a b" limits
@@ -37,6 +37,8 @@ for s in $stages; do
   case $s in
     shellcheck) ;;
     lint)
+      stage "ruff (one Python dialect: Python 3.10, the oldest node Python)"
+      ruff check --no-cache .
       stage "ansible-lint (production profile)"
       ansible-lint --profile production --nocolor ;;
     molecule)

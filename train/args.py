@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+
 from ansible_collections.dsmesh.cluster.plugins.module_utils.trainer_fields import get_path, is_set, trainer_values
 
 

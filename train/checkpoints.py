@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 
-from ansible_collections.dsmesh.cluster.plugins.module_utils.rundir import fsync_dir, write_json_atomic
+from ansible_collections.dsmesh.cluster.plugins.module_utils.rundir import write_json_atomic
 
 MARKER = "checkpoint_complete.json"
 RUN_FILE = "run.json"

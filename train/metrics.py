@@ -40,12 +40,12 @@ def peak_flops_per_device(args, override_tflops=None):
     return None
 
 
-def memory_reserved_gb():
-    """Peak CUDA memory reserved by the caching allocator since the last memory_gb() call."""
+def memory_reserved_gib():
+    """Peak CUDA memory reserved by the caching allocator since the last memory_gib() call."""
     return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
 
 
-def memory_gb():
+def memory_gib():
     """Rank 0's memory: peak CUDA memory allocated since the last call, or the process RSS on CPU."""
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated()
@@ -90,9 +90,9 @@ class Meter:
         mfu = None
         if self.peak_flops:
             mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size)
-        reserved = memory_reserved_gb()  # (read first: memory_gb() resets the peaks)
+        reserved = memory_reserved_gib()  # (read first: memory_gib() resets the peaks)
         return {"interval_tokens": int(tokens), "interval_s": seconds, "tokens_per_s": tokens_per_s,
-                "mfu": mfu, "memory_gb": memory_gb(), "memory_reserved_gb": reserved}
+                "mfu": mfu, "memory_gib": memory_gib(), "memory_reserved_gib": reserved}
 
 
 def _fmt_time(seconds):
@@ -120,8 +120,8 @@ def format_line(entry, max_steps):
     parts.append(f"{_fmt_count(entry['tokens_per_s'])} tok/s")
     if entry.get("mfu") is not None:
         parts.append(f"MFU {100 * entry['mfu']:.1f}%")
-    if entry.get("memory_gb") is not None:
-        parts.append(f"mem {entry['memory_gb']:.2f} GB")
+    if entry.get("memory_gib") is not None:
+        parts.append(f"mem {entry['memory_gib']:.2f} GB")
     eta = entry.get("eta_s")
     parts.append(f"{_fmt_time(entry['elapsed_s'])} elapsed" + (f", ~{_fmt_time(eta)} left" if eta is not None else ""))
     return " | ".join(parts)

@@ -85,8 +85,16 @@ def train(pre, rank, local_rank, world_size, say, state):
 
     from train import args as args_mod
     from train import checkpoints, data, metrics, modeling
-    from train.trainer import (CheckpointCallback, CheckpointLayersCallback, EngineCompileCallback, PhaseCallback,
-                               ProfileCallback, ProgressPrinter, SFTTrainer, choose_engine_compile)
+    from train.trainer import (
+        CheckpointCallback,
+        CheckpointLayersCallback,
+        EngineCompileCallback,
+        PhaseCallback,
+        ProfileCallback,
+        ProgressPrinter,
+        SFTTrainer,
+        choose_engine_compile,
+    )
 
     use_deepspeed = pre["raw"].deepspeed is not None
     configured_state = not torch.cuda.is_available() and (use_deepspeed or world_size > 1)

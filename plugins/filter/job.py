@@ -6,10 +6,10 @@ from .cluster import cluster_address
 HARDWARE = (
     ("gpu_count", "ds_gpu_count", None),
     ("gpu_model", "ds_gpu_model", "gpu_model"),
-    ("gpu_memory_gb", "ds_gpu_memory_gb", "gpu_memory_gb"),
+    ("gpu_memory_gib", "ds_gpu_memory_gib", "gpu_memory_gib"),
     ("bf16", "ds_gpu_bf16", "gpu_bf16"),
     ("compute_capability", "ds_gpu_compute_capability", None),
-    ("host_memory_gb", "ds_host_memory_gb", "host_memory_gb"),
+    ("host_memory_gib", "ds_host_memory_gib", "host_memory_gib"),
     ("cpu_cores", "ds_cpu_count", "cpu_cores"),
     ("interface", "ds_cluster_interface", "cluster_interface"),
 )

@@ -41,11 +41,11 @@ _NO_BF16_NAMES = re.compile(r"\b(P100|P40|P4|K80|M60|TITAN\s*V|RTX\s*20\d\d|Quad
 
 
 def gpu_spec(name):
-    """{"peak_tflops", "memory_gb", "bf16"} of the table's GPU that `name` (as nvidia-smi or the
+    """{"peak_tflops", "memory_gib", "bf16"} of the table's GPU that `name` (as nvidia-smi or the
     inventory says it) is, or None for a GPU the table does not know."""
-    for pattern, tflops, memory_gb, bf16 in GPU_TABLE:
+    for pattern, tflops, memory_gib, bf16 in GPU_TABLE:
         if name and re.search(pattern, name, re.I):
-            return {"peak_tflops": tflops, "memory_gb": memory_gb, "bf16": bf16}
+            return {"peak_tflops": tflops, "memory_gib": memory_gib, "bf16": bf16}
     return None
 
 
@@ -92,7 +92,7 @@ def supports_bf16(gpu_model=None, compute_capability=None):
 def summarize(gpus):
     """Facts for the planner: count, model, smallest memory (GiB), bf16."""
     if not gpus:
-        return {"gpu_count": 0, "gpu_model": None, "gpu_memory_gb": None, "gpu_bf16": None,
+        return {"gpu_count": 0, "gpu_model": None, "gpu_memory_gib": None, "gpu_bf16": None,
                 "gpu_compute_capability": None, "gpus": []}
     names = sorted(set(g["name"] for g in gpus))
     caps = sorted(set(g.get("compute_capability") for g in gpus if g.get("compute_capability")))
@@ -101,8 +101,8 @@ def summarize(gpus):
     return {
         "gpu_count": len(gpus),
         "gpu_model": names[0] if len(names) == 1 else "mixed: " + " / ".join(names),
-        # nvidia-smi reports MiB; memory_gb facts are GiB (an "80 GB" H100 shows 81559 MiB = 79.6).
-        "gpu_memory_gb": round(min(g["memory_mib"] for g in gpus) / 1024.0, 2),
+        # nvidia-smi reports MiB; memory_gib facts are GiB (an "80 GB" H100 shows 81559 MiB = 79.6).
+        "gpu_memory_gib": round(min(g["memory_mib"] for g in gpus) / 1024.0, 2),
         "gpu_bf16": bf16,
         "gpu_compute_capability": caps[0] if len(caps) == 1 else (caps or None),
         "gpus": gpus,

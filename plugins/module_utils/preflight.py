@@ -43,7 +43,7 @@ def _manifest_diff(mine, ref):
     return "; ".join(parts)
 
 
-def build_report(master, nodes, mesh, paths, min_free_gb=10.0, clock_warn_s=1.0, clock_fail_s=30.0,
+def build_report(master, nodes, mesh, paths, min_free_gib=10.0, clock_warn_s=1.0, clock_fail_s=30.0,
                  clock=None, busy_mib=1024):
     """Rows of the report.
 
@@ -104,10 +104,10 @@ def build_report(master, nodes, mesh, paths, min_free_gb=10.0, clock_warn_s=1.0,
                 size = sum(v[0] for v in m.values())
                 rows.append(_row(label, name, OK, f"{path}: {len(m)} file(s), {size / 2**20:.1f} MiB, same as master"))
 
-        free = f.get("disk_free_gb")
+        free = f.get("disk_free_gib")
         if free is not None:
-            rows.append(_row("disk", name, OK if free >= min_free_gb else FAIL,
-                             f"{free} GiB free for checkpoints (need {min_free_gb})"))
+            rows.append(_row("disk", name, OK if free >= min_free_gib else FAIL,
+                             f"{free} GiB free for checkpoints (need {min_free_gib})"))
 
         if clock and name in clock.get("offsets_seconds", {}):
             offset = clock["offsets_seconds"][name]

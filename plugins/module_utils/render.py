@@ -60,10 +60,10 @@ def cluster_facts(nodes):
     warnings = []
     models = sorted({n["gpu_model"] for n in nodes if n.get("gpu_model")})
     gpu_model = " / ".join(models) or None
-    memories = [float(n["gpu_memory_gb"]) for n in nodes if n.get("gpu_memory_gb")]
+    memories = [float(n["gpu_memory_gib"]) for n in nodes if n.get("gpu_memory_gib")]
     if not memories and gpu_model and all(gpu_spec(m) for m in models):
-        memories = [float(gpu_spec(m)["memory_gb"]) for m in models]
-        warnings.append(f"gpu_memory_gb taken from the GPU table for {gpu_model}; set it in the inventory or "
+        memories = [float(gpu_spec(m)["memory_gib"]) for m in models]
+        warnings.append(f"gpu_memory_gib taken from the GPU table for {gpu_model}; set it in the inventory or "
                         "gather GPU facts for the exact figure")
     device = "gpu" if memories or any(int(n.get("gpu_count") or 0) > 0 for n in nodes) else "cpu"
     bf16 = None
@@ -76,7 +76,7 @@ def cluster_facts(nodes):
             warnings.append(f"cannot tell whether {gpu_model!r} has bf16: planning fp16; set gpu_bf16 in the "
                             "inventory to decide")
             bf16 = False
-    hosts = [float(n["host_memory_gb"]) for n in nodes if n.get("host_memory_gb")]
+    hosts = [float(n["host_memory_gib"]) for n in nodes if n.get("host_memory_gib")]
     cores = [int(n["cpu_cores"]) for n in nodes if n.get("cpu_cores")]
     return {"device": device, "gpu_model": gpu_model, "gpu_memory_gib": min(memories) if memories else None,
             "host_memory_gib": min(hosts) if hosts else None, "bf16": bf16, "cpu_cores": min(cores) if cores else None,

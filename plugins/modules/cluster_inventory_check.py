@@ -53,6 +53,7 @@ nodes:
 """
 
 from ansible.module_utils.basic import AnsibleModule
+
 from ..module_utils.cluster_inventory import inventory_errors
 
 

@@ -34,7 +34,7 @@ options:
     description:
       - The cluster's nodes in inventory order, each with C(name), C(address) (the address the nodes reach it by),
         C(slots) (the inventory's C(gpus)), and what is known of its hardware - C(gpu_count), C(gpu_model),
-        C(gpu_memory_gb), C(bf16), C(compute_capability), C(host_memory_gb), C(cpu_cores), C(interface) - from
+        C(gpu_memory_gib), C(bf16), C(compute_capability), C(host_memory_gib), C(cpu_cores), C(interface) - from
         M(dsmesh.cluster.gpu_facts) or the inventory.
     type: list
     elements: dict
@@ -71,10 +71,10 @@ EXAMPLES = r"""
     dest: /var/lib/dsmesh/runs/r1-sft
     master: gpu-node-33
     nodes:
-      - {name: gpu-node-33, address: 172.16.80.33, slots: 8, gpu_model: NVIDIA H20, gpu_memory_gb: 96,
-         host_memory_gb: 1024}
-      - {name: gpu-node-31, address: 172.16.80.31, slots: 8, gpu_model: NVIDIA H20, gpu_memory_gb: 96,
-         host_memory_gb: 1024}
+      - {name: gpu-node-33, address: 172.16.80.33, slots: 8, gpu_model: NVIDIA H20, gpu_memory_gib: 96,
+         host_memory_gib: 1024}
+      - {name: gpu-node-31, address: 172.16.80.31, slots: 8, gpu_model: NVIDIA H20, gpu_memory_gib: 96,
+         host_memory_gib: 1024}
     job:
       python: /opt/dsmesh/venv/bin/python
       code_dir: /opt/dsmesh/src

@@ -39,7 +39,7 @@ options:
   disk_path:
     description: Where checkpoints go; its filesystem's free space is checked.
     type: path
-  min_free_gb:
+  min_free_gib:
     description: Free GiB needed at I(disk_path).
     type: float
     default: 10
@@ -138,7 +138,7 @@ def main():
             code_dir=dict(type="path", required=True),
             paths=dict(type="dict", default={}),
             disk_path=dict(type="path"),
-            min_free_gb=dict(type="float", default=10.0),
+            min_free_gib=dict(type="float", default=10.0),
             checksum=dict(type="bool", default=True),
             clock_warn_seconds=dict(type="float", default=1.0),
             clock_fail_seconds=dict(type="float", default=30.0),
@@ -183,7 +183,7 @@ def main():
         if table[by_address[address]["name"]]["facts"] is None:
             table[by_address[address]["name"]]["facts"] = {"error": error}
     rows = build_report(master, table, {by_address[a]["name"]: v for a, v in mesh.items()}, p["paths"],
-                        p["min_free_gb"], p["clock_warn_seconds"], p["clock_fail_seconds"], clock)
+                        p["min_free_gib"], p["clock_warn_seconds"], p["clock_fail_seconds"], clock)
 
     collective, launch_cmd, launch_out = None, None, ""
     if collective_run is not None:

@@ -43,7 +43,7 @@ EXAMPLES = r"""
 
 - name: Show them
   ansible.builtin.debug:
-    msg: "{{ ds_gpu_count }} x {{ ds_gpu_model }} ({{ ds_gpu_memory_gb }} GiB), interface {{ ds_cluster_interface }}"
+    msg: "{{ ds_gpu_count }} x {{ ds_gpu_model }} ({{ ds_gpu_memory_gib }} GiB), interface {{ ds_cluster_interface }}"
 """
 
 RETURN = r"""
@@ -60,7 +60,7 @@ ansible_facts:
       description: GPU model name (C(mixed - ...) when they differ), or null.
       type: str
       sample: NVIDIA H20
-    ds_gpu_memory_gb:
+    ds_gpu_memory_gib:
       description: Memory of the smallest GPU in GiB, or null.
       type: float
       sample: 95.58
@@ -75,7 +75,7 @@ ansible_facts:
       description: One entry per GPU - index, name, memory_mib, compute_capability.
       type: list
       elements: dict
-    ds_host_memory_gb:
+    ds_host_memory_gib:
       description: Host RAM in GiB (MemTotal).
       type: float
       sample: 1007.5
@@ -141,9 +141,9 @@ def main():
         facts["ds_" + k] = v
     try:
         with open("/proc/meminfo") as fd:
-            facts["ds_host_memory_gb"] = parse_meminfo(fd.read())
+            facts["ds_host_memory_gib"] = parse_meminfo(fd.read())
     except (OSError, GpuFactsError) as exc:
-        facts["ds_host_memory_gb"] = None
+        facts["ds_host_memory_gib"] = None
         warnings.append(f"cannot read host memory: {exc}")
     try:
         facts["ds_cpu_count"] = len(os.sched_getaffinity(0))

@@ -64,6 +64,7 @@ uncertainty_seconds:
 """
 
 from ansible.module_utils.basic import AnsibleModule
+
 from ..module_utils.pdsh_clock import check_clocks
 
 

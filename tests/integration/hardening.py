@@ -6,7 +6,6 @@ import subprocess
 import time
 
 import yaml
-
 from lab import ROOT, VENV_BIN
 
 SSH_AUDIT = VENV_BIN / "ssh-audit"

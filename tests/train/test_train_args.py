@@ -6,6 +6,7 @@ import pytest
 
 from train.args import ConfigError, expand_config_file, explicit_names, parse, preparse, reconcile_with_ds_config
 
+
 @pytest.fixture(autouse=True)
 def no_leftover_deepspeed_state():
     """TrainingArguments with a DeepSpeed config set process-wide state (env, a ZeRO-3 flag that

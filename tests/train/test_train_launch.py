@@ -120,9 +120,9 @@ def test_zero2_full_fine_tune_learns_and_reports(zero2, tiny_dir):
     out, proc = zero2
     m = metrics(out)
     assert [e["step"] for e in m] == list(range(1, STEPS + 1))
-    for key in ("loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s", "mfu", "memory_gb", "elapsed_s"):
+    for key in ("loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s", "mfu", "memory_gib", "elapsed_s"):
         assert key in m[-1]
-    assert m[-1]["mfu"] is None and m[-1]["memory_gb"] > 0.1 and m[-1]["tokens_per_s"] > 0
+    assert m[-1]["mfu"] is None and m[-1]["memory_gib"] > 0.1 and m[-1]["tokens_per_s"] > 0
     first, last = m[0]["loss"], sum(e["loss"] for e in m[-5:]) / 5
     assert first > 6.0 and last < first - 3.0, (first, last)  # random init: ~7.9
     summary = json.loads((out / "summary.json").read_text())
@@ -253,7 +253,7 @@ def test_one_gpu_plan_path_compiled_layers_and_partial_checkpointing(tiny_dir, t
               "--max_seq_length", "128", "--max_steps", "4", "--logging_steps", "1", "--save_strategy", "no",
               "--save_final_model", "false", "--seed", "1", "--lora", "--lora_dropout", "0",
               "--per_device_train_batch_size", "4", "--optim", "adamw_torch_fused"]
-    eager = ok(run_cli(common + ["--output_dir", str(tmp_path / "eager")]))
+    ok(run_cli(common + ["--output_dir", str(tmp_path / "eager")]))
     compiled = ok(run_cli(common + ["--output_dir", str(tmp_path / "compiled"), "--compile", "regions",
                                     "--gradient_checkpointing", "true", "--checkpoint_layers", "1"]))
     log = compiled.stdout + compiled.stderr

@@ -17,18 +17,18 @@ V100_OLD_DRIVER = "0, Tesla V100-SXM2-32GB, 32768\n1, Tesla V100-SXM2-32GB, 3276
 def test_parse_h20_node():
     facts = summarize(parse_nvidia_smi(H20_X8))
     assert facts["gpu_count"] == 8 and facts["gpu_model"] == "NVIDIA H20"
-    assert facts["gpu_memory_gb"] == 95.58 and facts["gpu_bf16"] is True
+    assert facts["gpu_memory_gib"] == 95.58 and facts["gpu_bf16"] is True
     assert facts["gpu_compute_capability"] == "9.0"
 
 
 def test_parse_old_driver_without_compute_cap():
     facts = summarize(parse_nvidia_smi(V100_OLD_DRIVER))
-    assert facts["gpu_count"] == 2 and facts["gpu_memory_gb"] == 32.0 and facts["gpu_bf16"] is False
+    assert facts["gpu_count"] == 2 and facts["gpu_memory_gib"] == 32.0 and facts["gpu_bf16"] is False
 
 
 def test_cpu_only_node_reports_none():
     facts = summarize([])
-    assert facts["gpu_count"] == 0 and facts["gpu_model"] is None and facts["gpu_memory_gb"] is None
+    assert facts["gpu_count"] == 0 and facts["gpu_model"] is None and facts["gpu_memory_gib"] is None
 
 
 @pytest.mark.parametrize("name,cap,expected", [

@@ -6,9 +6,13 @@ import shlex
 import pytest
 
 from ansible_collections.dsmesh.cluster.plugins.module_utils import rundir
-from ansible_collections.dsmesh.cluster.plugins.module_utils.launch import (LaunchError, launch_command,
-                                                                           launch_script, package_flags,
-                                                                           split_train_args)
+from ansible_collections.dsmesh.cluster.plugins.module_utils.launch import (
+    LaunchError,
+    launch_command,
+    launch_script,
+    package_flags,
+    split_train_args,
+)
 
 BASE = dict(python="/opt/venv/bin/python", run_dir="/runs/r1", output_dir="/runs/r1/output", master_addr="node1",
             master_port=29500, launcher_args=["--num_accelerators", "1"], model_dir="/models/m",

@@ -32,9 +32,9 @@ def _this_nodes_address():
 
 
 NODES_H20 = [{"name": "gpu-node-33", "address": "172.16.80.33", "slots": 8, "gpu_model": "NVIDIA H20",
-              "gpu_memory_gb": 96, "host_memory_gb": 1024, "cpu_cores": 96, "interface": "bond0"},
+              "gpu_memory_gib": 96, "host_memory_gib": 1024, "cpu_cores": 96, "interface": "bond0"},
              {"name": "gpu-node-31", "address": "172.16.80.31", "slots": 8, "gpu_model": "NVIDIA H20",
-              "gpu_memory_gb": 96, "host_memory_gb": 1024, "cpu_cores": 96, "interface": "bond0"}]
+              "gpu_memory_gib": 96, "host_memory_gib": 1024, "cpu_cores": 96, "interface": "bond0"}]
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +140,8 @@ def test_gpu_facts_module(results):
     r, _, iface = results
     facts = r["facts-gpu"]["ansible_facts"]
     assert not r["facts-gpu"]["changed"]
-    assert facts["ds_gpu_count"] == 8 and facts["ds_gpu_memory_gb"] == 95.58 and facts["ds_gpu_bf16"]
-    assert facts["ds_host_memory_gb"] > 0 and facts["ds_cpu_count"] >= 1
+    assert facts["ds_gpu_count"] == 8 and facts["ds_gpu_memory_gib"] == 95.58 and facts["ds_gpu_bf16"]
+    assert facts["ds_host_memory_gib"] > 0 and facts["ds_cpu_count"] >= 1
     cpu = r["facts-cpu"]["ansible_facts"]
     assert cpu["ds_gpu_count"] == 0 and cpu["ds_gpu_model"] is None and cpu["ds_cluster_interface"] == iface
     assert r["facts-broken"]["failed"] and "could not communicate" in r["facts-broken"]["msg"]

@@ -22,9 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ROLES = sorted(p.name for p in (ROOT / "roles").iterdir() if (p / "tasks").is_dir())
 # Roles that cannot pass yet, and why: each must be made to pass, then removed from here (strict
 # xfail: a role that starts passing fails the run until it is).
-NOT_YET = {
-    "deepspeed_job": "deepspeed_job has no meta/argument_specs.yml (issue 14 item 6: split into the job roles)",
-}
+NOT_YET = {}
 # Keys of an option that are documentation, not validation.
 DOC_KEYS = {"description", "short_description", "version_added"}
 
@@ -62,7 +60,7 @@ def spec_options(role):
     specs = (yaml.safe_load(path.read_text()) or {}).get("argument_specs") or {}
     assert "main" in specs, f"roles/{role}/meta/argument_specs.yml has no `main` entry point"
     options = {}
-    for entry, spec in specs.items():
+    for spec in specs.values():
         for name, option in (spec.get("options") or {}).items():
             if name in options and options[name] != option:
                 raise AssertionError(f"roles/{role}: entry points document {name} differently")

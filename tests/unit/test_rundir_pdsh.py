@@ -1,7 +1,6 @@
 """The run directory's protocol and pdsh's command line and parsers: atomic writes, the rank
 marker against real processes, what pdsh prints about nodes."""
 
-import os
 import subprocess
 import sys
 import time
@@ -9,8 +8,13 @@ import time
 import pytest
 
 from ansible_collections.dsmesh.cluster.plugins.module_utils import rundir
-from ansible_collections.dsmesh.cluster.plugins.module_utils.pdsh import (failed_nodes, node_errors, node_exit,
-                                                                         node_lines, pdsh_argv)
+from ansible_collections.dsmesh.cluster.plugins.module_utils.pdsh import (
+    failed_nodes,
+    node_errors,
+    node_exit,
+    node_lines,
+    pdsh_argv,
+)
 
 
 def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):

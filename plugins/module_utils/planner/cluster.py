@@ -18,9 +18,9 @@ class Cluster:
             raise PlanError(f"every node needs at least one slot, got {self.slots}")
         self.device = device
         if device == "gpu" and not gpu_memory_gib:
-            raise PlanError("gpu_memory_gb is unknown: set it in the inventory or gather GPU facts")
+            raise PlanError("gpu_memory_gib is unknown: set it in the inventory or gather GPU facts")
         if not host_memory_gib:
-            raise PlanError("host_memory_gb is unknown: set it in the inventory or gather facts")
+            raise PlanError("host_memory_gib is unknown: set it in the inventory or gather facts")
         self.gpu_memory_gib = float(gpu_memory_gib or 0)
         self.host_memory_gib = float(host_memory_gib)
         self.bf16 = bool(bf16) and device == "gpu"
