@@ -1,6 +1,6 @@
-"""dsmesh's Python API: set up a cluster, check it, launch a training job, watch it and stop it.
+"""dsmesh's Python API: set up a cluster, check it, plan, launch a training job, watch it and stop it.
 
-Each function runs one of this repository's playbooks with ansible-runner against an inventory,
+Each function runs one of the collection's playbooks with ansible-runner against an inventory,
 prints one progress line per task result while it runs, and returns a `Result`:
 
     from dsmesh import api
@@ -14,19 +14,20 @@ prints one progress line per task result while it runs, and returns a `Result`:
 | ----------- | ------------------------- |
 | `setup`     | site.yml, `--skip-tags launch` |
 | `preflight` | playbooks/preflight.yml   |
+| `plan`      | playbooks/render.yml, on the controller (its `Result.plan` is the plan) |
 | `launch`    | playbooks/launch.yml      |
 | `status`    | playbooks/status.yml (its `Result.job_status` is the job's state) |
+| `logs`      | playbooks/logs.yml (its `Result.logs` holds each node's log lines) |
 | `stop`      | playbooks/stop.yml        |
 
-The same is a command line: `python -m dsmesh {setup,preflight,launch,status,stop} -i INVENTORY`
-(see dsmesh/__main__.py and docs/api.md).
+`follow_status` and `follow_logs` repeat status and logs while the job runs. The same is the
+command line `dsmesh` (dsmesh/__main__.py, docs/api.md).
 """
 import configparser
 import contextlib
-import datetime
-import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -34,233 +35,58 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import ansible_runner
 
-ROOT = Path(__file__).resolve().parents[1]
+from dsmesh.events import (  # noqa: F401 (the API's names, re-exported)
+    JOB_STATUS_KEYS,
+    EventCollector,
+    Failure,
+    Result,
+    build_result,
+    print_to_stderr,
+    progress_line,
+)
+from dsmesh.logs import LogFollower
+
+
+def collection_root():
+    """Where the collection dsmesh.cluster (site.yml, playbooks/, roles/, ansible.cfg) is: the
+    checkout this package runs from, else the installed one, found on the Python path as Ansible
+    finds collections (`pip install` puts it in site-packages/ansible_collections/dsmesh/cluster)."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "galaxy.yml").is_file() and (checkout / "site.yml").is_file():
+        return checkout
+    for entry in sys.path:
+        installed = Path(entry or ".") / "ansible_collections" / "dsmesh" / "cluster"
+        if (installed / "site.yml").is_file():
+            return installed.resolve()
+    raise RuntimeError("the collection dsmesh.cluster is not installed: pip install dsmesh, or run from its checkout")
+
+
+ROOT = collection_root()
 
 PLAYBOOKS = {
     "setup": "site.yml",
     "preflight": "playbooks/preflight.yml",
+    "plan": "playbooks/render.yml",
     "launch": "playbooks/launch.yml",
     "status": "playbooks/status.yml",
+    "logs": "playbooks/logs.yml",
     "stop": "playbooks/stop.yml",
 }
 
-# The name a playbook gives the job's state: a fact (set_fact), a debug var (debug: var=...) or a
-# module's return value. Result.job_status always has JOB_STATUS_KEYS (None where not reported).
-JOB_STATUS_VAR = "job_status"
-JOB_STATUS_KEYS = ("state", "run_id", "step", "loss", "tokens_per_s", "exit_code", "failed_node", "log")
-
-# Per-host counts in a Result, named as in ansible's PLAY RECAP, and where the stats event keeps them.
-STATS_KEYS = {"ok": "ok", "changed": "changed", "failed": "failures", "unreachable": "dark",
-              "skipped": "skipped", "rescued": "rescued", "ignored": "ignored"}
-
-# The task result events that get a progress line, and the word the line shows.
-RESULT_WORDS = {"runner_on_ok": "ok", "runner_on_failed": "FAILED", "runner_on_unreachable": "UNREACHABLE",
-                "runner_on_skipped": "skipped", "runner_on_async_failed": "FAILED", "runner_retry": "retrying"}
-
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-log = logging.getLogger(__name__)
+# ansible-playbook's vault prompts (ansible.cli's PromptVaultSecret): --ask-vault-pass asks for the
+# default id, --vault-id LABEL@prompt for LABEL.
+VAULT_DEFAULT_ID = "default"
 
 
-class Failure(NamedTuple):
-    host: str
-    task: str
-    msg: str
-
-
-@dataclass
-class Result:
-    """What one playbook run did.
-
-    status: ansible-runner's final status: 'successful' or 'failed' ('timeout' past `timeout`,
-        'canceled' on Ctrl-C/SIGTERM).
-    rc: ansible-playbook's exit code.
-    hosts: {host: {ok, changed, failed, unreachable, skipped, rescued, ignored}}, the PLAY RECAP's
-        counts (ok counts changed results too, as in the recap); empty when no play ran.
-    failures: one Failure(host, task, msg) per failed (not ignored) or unreachable task result.
-    errors: ansible's own error lines, for runs that stopped before any task (a missing playbook,
-        an inventory that does not parse, a --limit that matches nothing).
-    job_status: the dict a task reported as `job_status` (status() fills it), else None.
-    artifact_dir: where the runner's artifacts were kept (keep_artifacts), else None.
-    """
-    action: str
-    playbook: str
-    status: str
-    rc: int
-    hosts: dict = field(default_factory=dict)
-    failures: list = field(default_factory=list)
-    errors: list = field(default_factory=list)
-    job_status: dict | None = None
-    artifact_dir: str | None = None
-
-    @property
-    def ok(self):
-        return self.status == "successful"
-
-    def to_dict(self):
-        data = asdict(self)
-        data["failures"] = [f._asdict() for f in self.failures]
-        return data
-
-
-# ---------------------------------------------------------------------------------------------
-# Events -> progress lines and a Result (pure functions: tests/unit/test_api_events.py).
-
-def event_time(event):
-    """The event's time as local HH:MM:SS (the runner stamps events in UTC)."""
-    created = event.get("created")
-    if not created:
-        return datetime.datetime.now().strftime("%H:%M:%S")
-    stamp = datetime.datetime.fromisoformat(created)
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=datetime.timezone.utc)
-    return stamp.astimezone().strftime("%H:%M:%S")
-
-
-def one_line(text):
-    return " ".join(str(text).split())
-
-
-def failure_message(res):
-    """The useful part of a failed or unreachable result: msg, the failed items of a loop, stderr."""
-    if not isinstance(res, dict):
-        return str(res or "")
-    if res.get("censored"):  # no_log
-        return res["censored"]
-    msg = res.get("msg")
-    msg = "" if msg is None else str(msg).strip()
-    items = [r for r in res.get("results") or [] if isinstance(r, dict) and r.get("failed")]
-    if items:  # a loop's own msg is only "One or more items failed"
-        msg = "; ".join(f"item {str(r.get('_ansible_item_label', r.get('item')))[:60]}: {failure_message(r)}"
-                        for r in items)
-    stderr = str(res.get("stderr") or "").strip()
-    if stderr:
-        tail = "\n".join(stderr.splitlines()[-3:])[-300:]
-        msg = f"{msg}: {tail}" if msg else tail
-    return msg or "(no message)"
-
-
-def ansible_message(event):
-    """('ERROR'|'WARNING', text) for a line ansible printed itself (not a task result), else None."""
-    if event.get("event") != "verbose":
-        return None
-    text = ANSI_ESCAPE.sub("", event.get("stdout") or "").strip()
-    for word in ("ERROR", "WARNING"):
-        for prefix in (f"[{word}]:", f"{word}!"):
-            if text.startswith(prefix):
-                return word, text[len(prefix):].strip()
-    return None
-
-
-def progress_line(event, host_width=16):
-    """One line for a task result or an ansible error/warning, None for any other event:
-    `[HH:MM:SS] host  ok|changed|FAILED|UNREACHABLE|skipped|ignored|retrying  task name[ => msg]`"""
-    kind = event.get("event")
-    if kind == "verbose":
-        message = ansible_message(event)
-        if message is None:
-            return None
-        return f"[{event_time(event)}] {'(ansible)':<{host_width}}  {message[0]:<11}  {one_line(message[1])}"
-    if kind not in RESULT_WORDS:
-        return None
-    data = event.get("event_data") or {}
-    res = data.get("res") or {}
-    word = RESULT_WORDS[kind]
-    detail = ""
-    if kind == "runner_on_ok" and isinstance(res, dict) and res.get("changed"):
-        word = "changed"
-    elif kind in ("runner_on_failed", "runner_on_async_failed", "runner_on_unreachable"):
-        if data.get("ignore_errors"):
-            word = "ignored"
-        detail = f" => {one_line(failure_message(res))}"
-    elif kind == "runner_retry":
-        # the result's retries is the number of attempts allowed in all
-        detail = f" (attempt {res.get('attempts', '?')}/{res.get('retries', '?')})"
-    return f"[{event_time(event)}] {data.get('host', ''):<{host_width}}  {word:<11}  {data.get('task', '')}{detail}"
-
-
-def reported_job_status(res):
-    """The job_status dict a result carries: set_fact's ansible_facts, debug var's key, or a
-    module's return value of that name, with every key of JOB_STATUS_KEYS. Anything else (e.g.
-    debug's 'VARIABLE IS NOT DEFINED!') is not one."""
-    if not isinstance(res, dict):
-        return None
-    for value in ((res.get("ansible_facts") or {}).get(JOB_STATUS_VAR), res.get(JOB_STATUS_VAR)):
-        if isinstance(value, dict):
-            return {**dict.fromkeys(JOB_STATUS_KEYS), **value}
-    return None
-
-
-def host_counts(stats):
-    """{host: {ok, changed, failed, unreachable, skipped, rescued, ignored}} from playbook_on_stats' data."""
-    hosts = {}
-    for key in ("processed", *STATS_KEYS.values()):
-        for host in stats.get(key) or {}:
-            hosts.setdefault(host, None)
-    return {host: {name: int((stats.get(key) or {}).get(host, 0)) for name, key in STATS_KEYS.items()}
-            for host in hosts}
-
-
-def build_result(events, *, action, playbook, status, rc, artifact_dir=None):
-    """A Result from a run's events (in order), its final status and its exit code."""
-    result = Result(action=action, playbook=playbook, status=status, rc=rc, artifact_dir=artifact_dir)
-    for event in events:
-        kind = event.get("event")
-        data = event.get("event_data") or {}
-        res = data.get("res") or {}
-        if kind == "playbook_on_stats":
-            result.hosts = host_counts(data)
-        elif kind == "runner_on_unreachable" or (
-                kind in ("runner_on_failed", "runner_on_async_failed") and not data.get("ignore_errors")):
-            result.failures.append(Failure(data.get("host", ""), data.get("task", ""), failure_message(res)))
-        elif kind == "runner_on_ok":
-            job_status = reported_job_status(res)
-            if job_status is not None:
-                result.job_status = job_status  # the last one reported wins
-        elif kind == "verbose":
-            message = ansible_message(event)
-            if message and message[0] == "ERROR":
-                result.errors.append(message[1])
-    return result
-
-
-def print_to_stderr(line):
-    print(line, file=sys.stderr, flush=True)
-
-
-class EventCollector:
-    """The runner's event_handler: prints progress lines and keeps the events a Result needs."""
-
-    KEEP = {"playbook_on_stats", "runner_on_ok", "runner_on_failed", "runner_on_async_failed",
-            "runner_on_unreachable", "verbose"}
-
-    def __init__(self, progress=print_to_stderr, keep_artifacts=False):
-        self.progress = progress
-        self.keep_artifacts = keep_artifacts
-        self.events = []
-        self.host_width = 16
-
-    def __call__(self, event):
-        if event.get("event") in self.KEEP:
-            self.events.append(event)
-        if self.progress is not None:
-            host = (event.get("event_data") or {}).get("host") or ""
-            self.host_width = max(self.host_width, len(host))
-            line = progress_line(event, self.host_width)
-            if line is not None:
-                try:
-                    self.progress(line)
-                except Exception:  # a broken progress sink (closed pipe) must not abort the run
-                    log.exception("progress callback failed; no more progress lines")
-                    self.progress = None
-        # True: the runner writes the event to its artifacts, only worth it when they are kept.
-        return self.keep_artifacts
+def vault_prompt_pattern(label):
+    """The regex ansible-runner answers the vault prompt of `label` with."""
+    if label == VAULT_DEFAULT_ID:
+        return r"^Vault password: ?$"
+    return rf"^Vault password \({re.escape(label)}\): ?$"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +145,8 @@ def _join(value):
 
 
 def run(action, inventory, *, tags=None, skip_tags=None, limit=None, check=False, password=None,
-        extravars=None, progress=print_to_stderr, keep_artifacts=None, timeout=None, verbosity=0):
+        extravars=None, ansible_args=(), vault_passwords=None, progress=print_to_stderr, keep_artifacts=None,
+        timeout=None, verbosity=0):
     """Run the playbook of `action` (a key of PLAYBOOKS) against `inventory` and return a Result.
 
     tags, skip_tags, limit: as ansible-playbook's --tags/--skip-tags/--limit (a list or 'a,b');
@@ -327,7 +154,11 @@ def run(action, inventory, *, tags=None, skip_tags=None, limit=None, check=False
     check: --check (dry run).
     password: the nodes' login password (ansible_password, as an extra var: it overrides the
         inventory's). Needed only for the first setup of nodes that still take passwords.
-    extravars: a dict of extra vars (-e).
+    extravars: a dict of extra vars; they win over ansible_args' -e.
+    ansible_args: more ansible-playbook options, as it takes them (dsmesh.options builds them from
+        -e and the vault options): ['-e', 'a=1', '-e', '@/abs/vars.yml', '--vault-id', 'prod@/abs/file'].
+    vault_passwords: {vault id: password} answering ansible's vault prompts: 'default' adds
+        --ask-vault-pass, any other id --vault-id ID@prompt.
     progress: called with each progress line (str); None prints nothing. Default: stderr.
     keep_artifacts: a directory to keep the runner's artifacts in (events, stdout, the command);
         by default nothing is kept.
@@ -343,21 +174,28 @@ def run(action, inventory, *, tags=None, skip_tags=None, limit=None, check=False
     extravars = dict(extravars or {})
     if password is not None:
         extravars["ansible_password"] = password
+    cmdline = ["--check"] if check else []
+    cmdline += list(ansible_args)
+    passwords = {}
+    for label, secret in (vault_passwords or {}).items():
+        cmdline += ["--ask-vault-pass"] if label == VAULT_DEFAULT_ID else ["--vault-id", f"{label}@prompt"]
+        passwords[vault_prompt_pattern(label)] = secret
     collector = EventCollector(progress, keep_artifacts=keep_artifacts is not None)
     private_data_dir = tempfile.mkdtemp(prefix="dsmesh-runner-")
     try:
         options = dict(
             private_data_dir=private_data_dir,
-            project_dir=str(ROOT),  # the runner's cwd: playbook paths are relative to the repo
+            project_dir=str(ROOT),  # the runner's cwd: playbook paths are relative to the collection
             playbook=playbook,
             inventory=str(inventory),
             # Written by the runner to <private_data_dir>/env/extravars (0600) and passed as -e @file,
-            # so a password never shows on a command line.
+            # so a password never shows on a command line; likewise the vault passwords (env/passwords).
             extravars=extravars,
+            passwords=passwords or None,
             tags=_join(tags),
             skip_tags=_join(skip_tags),
             limit=_join(limit),
-            cmdline="--check" if check else None,
+            cmdline=shlex.join(cmdline) if cmdline else None,
             verbosity=verbosity or None,
             envvars=runner_envvars(),
             event_handler=collector,
@@ -379,46 +217,108 @@ def run(action, inventory, *, tags=None, skip_tags=None, limit=None, check=False
         shutil.rmtree(private_data_dir, ignore_errors=True)
 
 
-def setup(inventory, *, tags=None, skip_tags=None, limit=None, check=False, password=None,
-          progress=print_to_stderr, keep_artifacts=None, timeout=None, **extravars):
+# The options every action takes besides its extra vars (run()'s keywords).
+RUN_OPTIONS = ("tags", "skip_tags", "limit", "check", "password", "ansible_args", "vault_passwords", "progress",
+               "keep_artifacts", "timeout")
+
+
+def _split(kwargs):
+    """run()'s options and the extra vars among an action's keyword arguments."""
+    options = {key: kwargs.pop(key) for key in RUN_OPTIONS if key in kwargs}
+    return options, kwargs
+
+
+def setup(inventory, **kwargs):
     """Take the inventory's nodes to a working cluster: site.yml without its launch part
     (`--skip-tags launch` is always added). tags=['ssh', 'pdsh'] for the SSH mesh and pdsh only."""
-    return run("setup", inventory, tags=tags, skip_tags=skip_tags, limit=limit, check=check, password=password,
-               extravars=extravars, progress=progress, keep_artifacts=keep_artifacts, timeout=timeout)
+    options, extravars = _split(kwargs)
+    return run("setup", inventory, extravars=extravars, **options)
 
 
-def preflight(inventory, *, tags=None, skip_tags=None, limit=None, check=False, password=None,
-              progress=print_to_stderr, keep_artifacts=None, timeout=None, **extravars):
+def preflight(inventory, **kwargs):
     """Check every node before a launch (playbooks/preflight.yml)."""
-    return run("preflight", inventory, tags=tags, skip_tags=skip_tags, limit=limit, check=check,
-               password=password, extravars=extravars, progress=progress, keep_artifacts=keep_artifacts,
-               timeout=timeout)
+    options, extravars = _split(kwargs)
+    return run("preflight", inventory, extravars=extravars, **options)
 
 
-def launch(inventory, *, tags=None, skip_tags=None, limit=None, check=False, password=None,
-           progress=print_to_stderr, keep_artifacts=None, timeout=None, **extravars):
+def launch(inventory, **kwargs):
     """Launch the training job with `deepspeed --hostfile` on the master (playbooks/launch.yml)."""
-    return run("launch", inventory, tags=tags, skip_tags=skip_tags, limit=limit, check=check,
-               password=password, extravars=extravars, progress=progress, keep_artifacts=keep_artifacts,
-               timeout=timeout)
+    options, extravars = _split(kwargs)
+    return run("launch", inventory, extravars=extravars, **options)
 
 
-def status(inventory, *, tags=None, skip_tags=None, limit=None, check=False, password=None,
-           progress=print_to_stderr, keep_artifacts=None, timeout=None, **extravars):
+def status(inventory, **kwargs):
     """The job's state (playbooks/status.yml): Result.job_status is a dict with keys state
-    (running|finished|failed|none), run_id, step, loss, tokens_per_s, exit_code, failed_node, log,
-    taken from the task that reports `job_status` (see docs/api.md); None if no task did."""
-    return run("status", inventory, tags=tags, skip_tags=skip_tags, limit=limit, check=check,
-               password=password, extravars=extravars, progress=progress, keep_artifacts=keep_artifacts,
-               timeout=timeout)
+    (none|running|finished|failed|stopped), run_id, step, loss, tokens_per_s, exit_code,
+    failed_node, log and what else the deepspeed_job module reports (metrics, phase, summary...);
+    None if no task reported one (see docs/api.md)."""
+    options, extravars = _split(kwargs)
+    return run("status", inventory, extravars=extravars, **options)
 
 
-def stop(inventory, *, tags=None, skip_tags=None, limit=None, check=False, password=None,
-         progress=print_to_stderr, keep_artifacts=None, timeout=None, **extravars):
+def stop(inventory, **kwargs):
     """Stop the running job on every node (playbooks/stop.yml)."""
-    return run("stop", inventory, tags=tags, skip_tags=skip_tags, limit=limit, check=check,
-               password=password, extravars=extravars, progress=progress, keep_artifacts=keep_artifacts,
-               timeout=timeout)
+    options, extravars = _split(kwargs)
+    return run("stop", inventory, extravars=extravars, **options)
 
 
-ACTIONS = {"setup": setup, "preflight": preflight, "launch": launch, "status": status, "stop": stop}
+def plan(inventory, render_dir=None, **kwargs):
+    """The job's plan for `inventory`, planned on the controller without contacting any node
+    (playbooks/render.yml: the launch's own render step). Result.plan is the deepspeed_render
+    module's result: `plan` (the dict), `summary` (its lines), `argv` (the launch command),
+    `hosts`, `files`. render_dir keeps the rendered files (hostfile, ds_config.json, .deepspeed_env,
+    plan.json, launch.sh); by default they go to a temporary directory that is removed."""
+    options, extravars = _split(kwargs)
+    with tempfile.TemporaryDirectory(prefix="dsmesh-plan-") as scratch:
+        extravars["render_dir"] = str(Path(render_dir).resolve()) if render_dir else scratch
+        return run("plan", inventory, extravars=extravars, **options)
+
+
+def logs(inventory, lines=100, start=None, **kwargs):
+    """The run's logs (playbooks/logs.yml): Result.logs is {host: {path, address, first_line, text}}
+    for each node that has a log of the run - the master's holds every rank's output, each line
+    prefixed by pdsh with its node - and Result.job_status the job's state. `lines`: how many of the
+    last lines to read; start: {host: first line} reads each of those nodes from that line on."""
+    options, extravars = _split(kwargs)
+    extravars.update(logs_lines=int(lines), logs_from=dict(start or {}))
+    return run("logs", inventory, extravars=extravars, **options)
+
+
+def job_state(result):
+    return (result.job_status or {}).get("state")
+
+
+def follow_status(inventory, interval=5.0, retries=3, **kwargs):
+    """Yield a status Result every `interval` seconds while the job runs, the first one that is
+    not running last. A status that cannot be read is yielded too and tried again, `retries` times
+    in a row at most; a canceled run (Ctrl-C) ends it."""
+    failures = 0
+    while True:
+        started = time.monotonic()
+        result = status(inventory, **kwargs)
+        yield result
+        failures = 0 if result.ok else failures + 1
+        if result.status == "canceled" or failures > retries or (result.ok and job_state(result) != "running"):
+            return
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+def follow_logs(inventory, lines=100, interval=2.0, retries=3, **kwargs):
+    """Yield (Result, [(host, line), ...]) with the lines each logs() read adds, every `interval`
+    seconds while the job runs; the first read gives the last `lines` lines. It ends as
+    follow_status does."""
+    follower = LogFollower()
+    failures = 0
+    while True:
+        started = time.monotonic()
+        result = logs(inventory, lines=lines, start=follower.start_lines(), **kwargs)
+        running = job_state(result) == "running"
+        yield result, follower.update(result, final=not running) if result.ok else []
+        failures = 0 if result.ok else failures + 1
+        if result.status == "canceled" or failures > retries or (result.ok and not running):
+            return
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+ACTIONS = {"setup": setup, "preflight": preflight, "plan": plan, "launch": launch, "status": status,
+           "logs": logs, "stop": stop}

@@ -12,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-from dsmesh import api  # noqa: E402
-from dsmesh.__main__ import exit_code, format_summary, parse_extravars  # noqa: E402
+from dsmesh import api, events  # noqa: E402
+from dsmesh.__main__ import exit_code, format_summary  # noqa: E402
 
 RUNS = json.loads((Path(__file__).parent / "data" / "runner_events.json").read_text())["runs"]
 LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] (\S+)\s+(ok|changed|FAILED|UNREACHABLE|skipped|ignored|retrying|ERROR|WARNING)"
@@ -30,17 +30,17 @@ def utc(monkeypatch):
 
 
 def lines(run):
-    return [line for line in (api.progress_line(e) for e in RUNS[run]) if line is not None]
+    return [line for line in (events.progress_line(e) for e in RUNS[run]) if line is not None]
 
 
 def result(run, status="failed", rc=2):
-    return api.build_result(RUNS[run], action="setup", playbook="site.yml", status=status, rc=rc)
+    return events.build_result(RUNS[run], action="setup", playbook="site.yml", status=status, rc=rc)
 
 
 def test_one_line_per_task_result_and_nothing_for_other_events(utc):
     events = RUNS["setup_first"]
     for event in events:
-        line = api.progress_line(event)
+        line = events.progress_line(event)
         if event["event"] in ("runner_on_ok", "runner_on_skipped"):
             host, word, task = LINE.match(line).groups()
             assert host == event["event_data"]["host"]
@@ -60,7 +60,7 @@ def test_times_are_shown_in_local_time(monkeypatch):
     monkeypatch.setenv("TZ", "Asia/Shanghai")
     time.tzset()
     try:
-        stamp = api.event_time(event)
+        stamp = events.event_time(event)
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -123,22 +123,22 @@ def test_job_status_from_set_fact_or_debug_var():
     set_fact, debug = [e for e in RUNS["shapes"] if e["event"] == "runner_on_ok" and e["event_data"]["task"] in
                        ("Set the job's status as a fact", "Report the job's status")]
     for event in (set_fact, debug):
-        found = api.build_result([event], action="status", playbook="x", status="successful", rc=0).job_status
+        found = events.build_result([event], action="status", playbook="x", status="successful", rc=0).job_status
         assert found == job_status
     # debug: var=job_status when the fact is missing prints a string: that is no job status
     undefined = copy.deepcopy(debug)
     undefined["event_data"]["res"]["job_status"] = "VARIABLE IS NOT DEFINED!"
-    assert api.build_result([undefined], action="status", playbook="x", status="successful", rc=0).job_status is None
+    assert events.build_result([undefined], action="status", playbook="x", status="successful", rc=0).job_status is None
     assert result("setup_first", "successful", 0).job_status is None
 
 
 def test_job_status_from_the_status_playbook_has_every_key():
     # playbooks/status.yml's module returns job_status and set_fact copies it; a dict with only
     # the keys the module knew still comes back with all of them
-    status = api.build_result(RUNS["status_none"], action="status", playbook="playbooks/status.yml",
+    status = events.build_result(RUNS["status_none"], action="status", playbook="playbooks/status.yml",
                               status="failed", rc=2)
     assert status.job_status["state"] == "none"
-    assert set(api.JOB_STATUS_KEYS) <= set(status.job_status)
+    assert set(events.JOB_STATUS_KEYS) <= set(status.job_status)
     assert status.job_status["exit_code"] is None and status.job_status["run_dir"] == "/var/lib/dsmesh/runs/lab"
 
 
@@ -152,21 +152,21 @@ def test_ansible_errors_before_any_task():
 
 def test_collector_keeps_what_a_result_needs_and_survives_a_broken_progress_sink():
     seen = []
-    collector = api.EventCollector(progress=seen.append)
+    collector = events.EventCollector(progress=seen.append)
     for event in RUNS["two_masters"]:
         assert collector(event) is False  # nothing written to the runner's artifacts unless kept
     assert len(seen) == 4 and seen == lines("two_masters")
-    assert {e["event"] for e in collector.events} <= api.EventCollector.KEEP
+    assert {e["event"] for e in collector.events} <= events.EventCollector.KEEP
 
     def broken(line):
         raise BrokenPipeError
-    collector = api.EventCollector(progress=broken, keep_artifacts=True)
+    collector = events.EventCollector(progress=broken, keep_artifacts=True)
     assert all(collector(event) is True for event in RUNS["two_masters"])
     assert collector.progress is None
-    silent = api.EventCollector(progress=None)
+    silent = events.EventCollector(progress=None)
     for event in RUNS["two_masters"]:
         silent(event)
-    assert api.build_result(silent.events, action="setup", playbook="site.yml", status="failed", rc=2) \
+    assert events.build_result(silent.events, action="setup", playbook="site.yml", status="failed", rc=2) \
         == result("two_masters")
 
 
@@ -175,11 +175,11 @@ def test_result_as_json_summary_and_exit_code():
     assert json.loads(json.dumps(failed.to_dict()))["failures"][0]["host"] == "dsapi-node1"
     assert exit_code(failed) == 2
     assert exit_code(result("setup_first", "successful", 0)) == 0
-    assert exit_code(api.Result("stop", "playbooks/stop.yml", "canceled", 254)) == 130
+    assert exit_code(events.Result("stop", "playbooks/stop.yml", "canceled", 254)) == 130
     summary = format_summary(failed)
     assert "dsapi-node1  ok=2  changed=0  failed=1  unreachable=0" in summary
     assert "FAILED dsapi-node1: Check the inventory's cluster model: inventory: group 'master'" in summary
-    status = api.build_result(RUNS["shapes"], action="status", playbook="playbooks/status.yml", status="failed", rc=2)
+    status = events.build_result(RUNS["shapes"], action="status", playbook="playbooks/status.yml", status="failed", rc=2)
     assert "job: state=none  run_id=None" in format_summary(status)
 
 
