@@ -17,6 +17,8 @@ import sys
 import time
 from importlib import metadata
 
+from ansible_collections.dsmesh.cluster.plugins.module_utils import gpus
+
 PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft", "datasets")
 
 
@@ -52,19 +54,44 @@ def torch_facts():
     return facts
 
 
+GPU_QUERY = "index,name,memory.total,memory.used,utilization.gpu,driver_version"
+
+
 def gpu_facts():
-    """GPUs from nvidia-smi: index, name, memory, use; [] where there is none."""
+    """GPUs from nvidia-smi: index, name, memory, use; [] where there is none; what nvidia-smi said
+    when it failed (an NVML error: driver and library versions that differ, say)."""
     if not shutil.which("nvidia-smi"):
         return {"driver": None, "gpus": []}
-    query = "index,name,memory.total,memory.used,utilization.gpu,driver_version"
-    out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True, timeout=30)
-    gpus, driver = [], None
-    for line in out.stdout.strip().splitlines():
-        index, name, total, used, util, driver = [f.strip() for f in line.split(",")]
-        gpus.append({"index": int(index), "name": name, "memory_total_mib": int(total),
-                     "memory_used_mib": int(used), "utilization_pct": int(util)})
-    return {"driver": driver, "gpus": gpus}
+    proc = subprocess.run(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        said = (proc.stdout + proc.stderr).strip().splitlines()
+        return {"driver": None, "gpus": [], "gpu_error": said[0] if said else f"nvidia-smi exit {proc.returncode}"}
+    try:
+        rows = gpus.parse_query(proc.stdout, GPU_QUERY)
+    except gpus.GpuFactsError as e:
+        return {"driver": None, "gpus": [], "gpu_error": str(e)}
+    found = [{"index": gpus.as_int(r["index"]), "name": r["name"], "memory_total_mib": gpus.as_int(r["memory.total"]),
+              "memory_used_mib": gpus.as_int(r["memory.used"]), "utilization_pct": gpus.as_int(r["utilization.gpu"])}
+             for r in rows]
+    return {"driver": rows[0]["driver_version"] if rows else None, "gpus": found}
+
+
+def prefix_facts():
+    """The interpreter's environment: its prefix, and whether that is a conda environment."""
+    return {"path": sys.prefix, "conda": os.path.isdir(os.path.join(sys.prefix, "conda-meta"))}
+
+
+def read_markers(paths):
+    """{path: its text, or None when missing}: the shared-storage check reads the master's marker."""
+    out = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                out[path] = f.read().strip()
+        except OSError:
+            out[path] = None
+    return out
 
 
 def manifest(path, checksum=True):
@@ -100,10 +127,12 @@ def free_gib(path):
     return round(shutil.disk_usage(path or "/").free / 2**30, 1)
 
 
-def probe(paths, disk, checksum):
+def probe(paths, disk, checksum, markers=()):
     facts = {
         "hostname": socket.gethostname(),
         "python_executable": sys.executable,
+        "prefix": prefix_facts(),
+        "markers": read_markers(markers),
         "versions": package_versions(),
         "torch": torch_facts(),
         **gpu_facts(),
@@ -120,9 +149,11 @@ def main(argv=None):
                    help="a file or directory whose manifest (sizes, sha256) is reported under NAME")
     p.add_argument("--disk", help="report the free space of the filesystem holding this path")
     p.add_argument("--no-checksum", action="store_true", help="sizes only (for very large models)")
+    p.add_argument("--marker", action="append", default=[], metavar="PATH",
+                   help="report the text of this file (the shared-storage check)")
     args = p.parse_args(argv)
     paths = dict(item.split("=", 1) for item in args.path)
-    print(json.dumps(probe(paths, args.disk, not args.no_checksum), sort_keys=True))
+    print(json.dumps(probe(paths, args.disk, not args.no_checksum, args.marker), sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,31 @@ class GpuFactsError(Exception):
     pass
 
 
+def _value(text):
+    """A field of nvidia-smi's csv: None for what it cannot tell ([N/A], [Not Supported], [Unknown Error])."""
+    text = text.strip()
+    return None if text.startswith("[") and text.endswith("]") else text
+
+
+def parse_query(text, fields):
+    """Rows of `nvidia-smi --query-gpu=FIELDS --format=csv,noheader,nounits` as dicts keyed by field."""
+    names = [f.strip() for f in fields.split(",")]
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        values = [_value(v) for v in line.split(",")]
+        if len(values) != len(names):
+            raise GpuFactsError(f"unexpected nvidia-smi line for {fields}: {line!r}")
+        rows.append(dict(zip(names, values)))
+    return rows
+
+
+def as_int(value):
+    """An nvidia-smi number as an int (None stays None; '97871.0' is 97871)."""
+    return None if value is None else int(float(value))
+
+
 def parse_nvidia_smi(text):
     """GPUs from `nvidia-smi --query-gpu=index,name,memory.total[,compute_cap] --format=csv,noheader,nounits`."""
     gpus = []

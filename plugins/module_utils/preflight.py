@@ -44,12 +44,14 @@ def _manifest_diff(mine, ref):
 
 
 def build_report(master, nodes, mesh, paths, min_free_gib=10.0, clock_warn_s=1.0, clock_fail_s=30.0,
-                 clock=None, busy_mib=1024):
+                 clock=None, busy_mib=1024, env_kind="venv", shared=None):
     """Rows of the report.
 
     master: the master's name. nodes: {name: {"address", "slots", "facts" (probe JSON or None)}}.
     mesh: {name: (ok, detail)} from BatchMode ssh on the master. paths: {label: path} that must be
     identical on every node (model, dataset). clock: pdsh_clock's report with offsets by name.
+    env_kind: conda when the training interpreter must be a conda environment's. shared: with shared
+    storage, {"path", "token"} of the marker the master wrote, which every node must read back.
     """
     rows = []
     ref = (nodes.get(master) or {}).get("facts") or {}
@@ -80,10 +82,14 @@ def build_report(master, nodes, mesh, paths, min_free_gib=10.0, clock_warn_s=1.0
                                                              if mine.get(k))))
 
         gpus, slots = f.get("gpus") or [], int(node.get("slots") or 0)
-        if not gpus:
+        if f.get("gpu_error"):
+            rows.append(_row("gpus", name, FAIL, f"nvidia-smi failed: {f['gpu_error']} (fix the driver there first)"))
+        elif not gpus:
             rows.append(_row("gpus", name, OK, f"no GPU: {slots} CPU slot(s) from the inventory"))
         else:
-            busy = [g["index"] for g in gpus if g.get("memory_used_mib", 0) > busy_mib or g.get("utilization_pct", 0) > 5]
+            # a field nvidia-smi cannot tell ([N/A]) does not count as use
+            busy = [g["index"] for g in gpus
+                    if (g.get("memory_used_mib") or 0) > busy_mib or (g.get("utilization_pct") or 0) > 5]
             if len(gpus) < slots:
                 rows.append(_row("gpus", name, FAIL, f"{len(gpus)} GPU(s) found, inventory says gpus={slots}"))
             elif busy:
@@ -114,7 +120,43 @@ def build_report(master, nodes, mesh, paths, min_free_gib=10.0, clock_warn_s=1.0
             window = clock["uncertainty_seconds"]
             status = FAIL if abs(offset) > clock_fail_s + window else WARN if abs(offset) > clock_warn_s + window else OK
             rows.append(_row("clock", name, status, f"{offset:+.2f} s from {master} (within +-{window:.1f} s)"))
+        if env_kind == "conda":
+            prefix = f.get("prefix") or {}
+            rows.append(_row("conda", name, OK if prefix.get("conda") else FAIL,
+                             f"{prefix.get('path')} is a conda environment" if prefix.get("conda") else
+                             f"{prefix.get('path')} has no conda-meta: not a conda environment (training_env_mode: "
+                             "conda); point training_env_python at the env's bin/python, or use mode existing"))
+        if shared:
+            seen = (f.get("markers") or {}).get(shared["path"])
+            rows.append(_row("shared storage", name, OK if seen == shared["token"] else FAIL,
+                             f"{shared['path']} is the master's (read its marker)" if seen == shared["token"] else
+                             f"{shared['path']} is not shared with {master}: "
+                             f"{'no marker' if seen is None else 'another marker'} there; mount the shared "
+                             "filesystem at the same path on every node, or set deepspeed_job_shared_storage: false"))
     return rows
+
+
+def network_row(nccl, nodes, fabric="unknown", busbw_gbps=None, expected_busbw_gbps=None):
+    """The cluster-wide row of NCCL's transport (nccl.transport()) and the bus bandwidth against what
+    the inventory says the fabric gives. None on a CPU cluster (gloo prints no NCCL lines)."""
+    from .nccl import FABRICS, describe
+
+    if not nccl or (nccl["network"] is None and not nccl["within_node"]):
+        return None
+    status, notes = OK, []
+    wanted = FABRICS.get(fabric)
+    if nodes > 1 and wanted == "IB" and nccl["network"] != "IB":
+        status = WARN
+        notes.append(f"the inventory declares {fabric} (deepspeed_job_fabric) but NCCL fell back to "
+                     f"{nccl['network'] or 'no network'}: check the RDMA devices (ibv_devices), NCCL_IB_HCA, "
+                     "and that NCCL_IB_DISABLE is unset")
+    if expected_busbw_gbps and busbw_gbps is not None and nodes > 1:
+        ratio = busbw_gbps / expected_busbw_gbps
+        notes.append(f"bus bandwidth {busbw_gbps:.1f} GB/s is {100 * ratio:.0f}% of the expected "
+                     f"{expected_busbw_gbps:g} (deepspeed_job_expected_busbw_gbps)")
+        if ratio < 0.7:
+            status = WARN
+    return _row("network", "cluster", status, "; ".join([describe(nccl)] + notes))
 
 
 def collective_row(result, expected_hosts, expected_world):

@@ -27,13 +27,14 @@ def check_mesh(addresses, timeout=10):
         return dict(pool.map(one, addresses))
 
 
-def run_probes(addresses, python, code_dir, paths, disk, checksum=True, timeout=10):
+def run_probes(addresses, python, code_dir, paths, disk, checksum=True, timeout=10, markers=()):
     """pdsh stdout, stderr, and the master's clock before and after."""
     args = [python, "-m", "dsmesh.probe"] + [f"--path={k}={v}" for k, v in paths.items()]
     if disk:
         args.append(f"--disk={disk}")
     if not checksum:
         args.append("--no-checksum")
+    args += [f"--marker={m}" for m in markers]
     remote = f"cd {shlex.quote(code_dir)} && " + " ".join(shlex.quote(a) for a in args)
     cmd = pdsh_argv(addresses, remote, connect_timeout=timeout)
     started = time.time()

@@ -82,16 +82,35 @@ def omp_threads(cpu_cores, ranks_per_node):
     return max(1, int(cpu_cores) // int(ranks_per_node))
 
 
+PREFIX_KINDS = ("venv", "conda", "plain")
+
+
+def prefix_env(prefix, kind="venv"):
+    """What activating the training environment at `prefix` sets, in the order it matters: its bin
+    first on PATH, and VIRTUAL_ENV for a virtualenv or CONDA_PREFIX / CONDA_DEFAULT_ENV for a conda
+    environment (a conda env's activate.d scripts do not run: what they set goes in the job's env)."""
+    if kind not in PREFIX_KINDS:
+        raise EnvError(f"environment kind {kind!r} must be one of {', '.join(PREFIX_KINDS)}")
+    prefix = prefix.rstrip("/")
+    env = OrderedDict(PATH=prefix + "/bin:" + SYSTEM_PATH)
+    if kind == "venv":
+        env["VIRTUAL_ENV"] = prefix
+    elif kind == "conda":
+        env["CONDA_PREFIX"] = prefix
+        env["CONDA_DEFAULT_ENV"] = prefix.rsplit("/", 1)[-1]
+    return env
+
+
 def build_env(user_vars=None, venv=None, omp_num_threads=1, hf_home=None, torch_extensions_dir=None,
-              interfaces=None, compile_cache_dir=None):
+              interfaces=None, compile_cache_dir=None, prefix_kind="venv"):
     """Ordered variables: what remote ranks need, then the user's (the user's win).
 
+    venv: the training environment's prefix (a virtualenv, a conda env: prefix_kind).
     compile_cache_dir: a directory on each node's local disk for torch.compile's caches (Inductor's
     graphs and Triton's kernels), so a relaunch of the same plan reuses the first start's compilation."""
     env = OrderedDict()
     if venv:
-        env["PATH"] = venv.rstrip("/") + "/bin:" + SYSTEM_PATH
-        env["VIRTUAL_ENV"] = venv.rstrip("/")
+        env.update(prefix_env(venv, prefix_kind))
     env["OMP_NUM_THREADS"] = str(int(omp_num_threads))
     if hf_home:
         env["HF_HOME"] = hf_home

@@ -37,6 +37,8 @@ class RunSpec:
     planner_settings: dict = field(default_factory=dict)
     shared_storage: bool = False
     cache_dir: str = "/var/cache/dsmesh"
+    # The training environment: a virtualenv (training_env_mode venv, or an existing one), a conda env.
+    env_kind: str = "venv"
     env: dict = field(default_factory=dict)
     launcher_args: list = field(default_factory=list)
     master_port: int = 29500
@@ -83,6 +85,17 @@ def cluster_facts(nodes):
             "interfaces": [n.get("interface") for n in nodes]}, warnings
 
 
+def rank_environment(spec, facts, ranks_per_node):
+    """.deepspeed_env's variables: the training environment's prefix, threads per rank, the node-local
+    caches, the cluster interfaces for NCCL, then the user's. The preflight's all-reduce runs in it too."""
+    cache = spec.cache_dir.rstrip("/")
+    return build_env(user_vars=spec.env, venv=os.path.dirname(os.path.dirname(spec.python)),
+                     prefix_kind=spec.env_kind,
+                     omp_num_threads=omp_threads(facts["cpu_cores"], ranks_per_node),
+                     hf_home=f"{cache}/huggingface", torch_extensions_dir=f"{cache}/torch_extensions",
+                     compile_cache_dir=cache, interfaces=facts["interfaces"])
+
+
 def _lora_settings(spec):
     lora = dict(spec.lora or {})
     return {"r": int(lora.get("r", 16)), "alpha": lora.get("alpha", 32), "dropout": float(lora.get("dropout", 0.05)),
@@ -116,11 +129,7 @@ def render_run(spec, nodes, master):
                           datasets=spec.datasets, eval_datasets=spec.eval_datasets,
                           max_seq_length=spec.max_seq_length, lora=lora, trainer_args=trainer_args(config, chosen),
                           extra_args=extra_args)
-    cache = spec.cache_dir.rstrip("/")
-    env = build_env(user_vars=spec.env, venv=os.path.dirname(os.path.dirname(spec.python)),
-                    omp_num_threads=omp_threads(facts["cpu_cores"], max(h["slots"] for h in hosts)),
-                    hf_home=f"{cache}/huggingface", torch_extensions_dir=f"{cache}/torch_extensions",
-                    compile_cache_dir=cache, interfaces=facts["interfaces"])
+    env = rank_environment(spec, facts, max(h["slots"] for h in hosts))
     env_file = os.path.join(spec.run_dir, ".deepspeed_env")
     files = {
         "hostfile": render_hostfile(hosts),
