@@ -29,12 +29,13 @@ def transport(output):
             out["network"] = m.group("name")
         m = _IB_DEVICES.search(line)
         if m:
-            out["ib_found"] = True
+            # NCCL 2.28 prints "NET/IB : Using [RO]; OOB ..." with no device after "No device found"
             for d in _IB_DEVICE.finditer(m.group("devices")):
+                out["ib_found"] = True
                 if (d.group("name"), d.group("kind")) not in out["ib_devices"]:
                     out["ib_devices"].append((d.group("name"), d.group("kind")))
-        if _NO_IB in line:
-            out["ib_found"] = False if out["ib_found"] is None else out["ib_found"]
+        if _NO_IB in line and out["ib_found"] is None:
+            out["ib_found"] = False
         m = _SOCKET_DEVICES.search(line)
         if m:
             for d in _SOCKET_DEVICE.finditer(m.group("devices")):
@@ -54,8 +55,11 @@ def transport(output):
     return out
 
 
-def describe(t):
-    """One line: the transport between nodes, over which devices."""
+def describe(t, nodes=2):
+    """One line: the transport between nodes, over which devices (one node: within it)."""
+    if nodes == 1:
+        within = ", ".join(t["within_node"]) or "one rank per node, nothing between GPUs"
+        return f"NCCL on one node ({within}); network {t['network'] or 'none'} between nodes, unused"
     if t["network"] == "IB":
         kinds = sorted({kind for _, kind in t["ib_devices"]}) or ["IB"]
         devices = ", ".join(name for name, _ in t["ib_devices"]) or "?"

@@ -156,7 +156,7 @@ def network_row(nccl, nodes, fabric="unknown", busbw_gbps=None, expected_busbw_g
                      f"{expected_busbw_gbps:g} (deepspeed_job_expected_busbw_gbps)")
         if ratio < 0.7:
             status = WARN
-    return _row("network", "cluster", status, "; ".join([describe(nccl)] + notes))
+    return _row("network", "cluster", status, "; ".join([describe(nccl, nodes)] + notes))
 
 
 def collective_row(result, expected_hosts, expected_world):

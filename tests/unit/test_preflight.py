@@ -43,6 +43,20 @@ def test_nccl_transport_from_its_own_lines():
     assert transport("rank0: gloo all-reduce done\n")["network"] is None
 
 
+def test_nccl_on_the_h200_node():
+    """NCCL 2.28.9's own lines on the one-GPU H200 machine (bench/results/h200_node_probe.txt)."""
+    with open(os.path.join(ROOT, "bench", "results", "h200_node_probe.txt")) as f:
+        lines = f.read()
+    t = transport(lines)
+    assert t["network"] == "Socket" and t["ib_found"] is False and t["ib_devices"] == []
+    assert t["socket_devices"] == ["eth0"]
+    row = network_row(t, nodes=1, fabric="unknown")
+    assert row["status"] == OK and row["detail"].startswith("NCCL on one node")
+    nvsmi = [line for line in lines.splitlines() if line.startswith("0, NVIDIA H200, 143771, 0")][0]
+    assert gpus.parse_nvidia_smi(nvsmi) == [{"index": 0, "name": "NVIDIA H200", "memory_mib": 143771}]
+    assert gpus.summarize(gpus.parse_nvidia_smi("0, NVIDIA H200, 143771, 9.0"))["gpu_memory_gib"] == 140.4
+
+
 def test_network_row_warns_on_a_fallback_to_sockets_and_on_low_bandwidth():
     row = network_row(transport(SOCKETS), nodes=2, fabric="infiniband", busbw_gbps=2.1, expected_busbw_gbps=40)
     assert row["status"] == WARN and "fell back to Socket" in row["detail"] and "5% of the expected 40" in row["detail"]
