@@ -154,24 +154,28 @@ def follow_status(args, options, console):
     return 0 if api.job_state(last) == "finished" else 1
 
 
-def print_logs(args, result, lines, console):
+def print_logs(args, result, lines, console, last=None):
+    """The lines --node keeps, the `last` of them when given."""
     master = master_host(result)
     names = node_names(result)
     node = names.get(args.node, args.node) if args.node else None
+    kept = [(host, line, text) for host, line in lines
+            if (text := shown(host, line, master, node, names)) is not None]
+    kept = kept[-last:] if last else kept
     if args.json:
-        for host, line in lines:
-            if shown(host, line, master, node, names) is not None:
-                print_json({"host": host, "line": line}, indent=None)
-        return
-    print_log_lines(console, [text for text in (shown(host, line, master, node, names) for host, line in lines)
-                              if text is not None])
+        for host, line, _ in kept:
+            print_json({"host": host, "line": line}, indent=None)
+    else:
+        print_log_lines(console, [text for _, _, text in kept])
 
 
 def logs(args, options, console, parser):
     """logs [-f]: the first read's last lines, then (following) what each read adds, until the job ends."""
     code = 0
     first = True
-    for result, lines in api.follow_logs(args.inventory, lines=args.lines, interval=args.interval, **options):
+    # -n counts the lines shown: with --node, read enough of the master's log for that node's share of it
+    wanted = max(args.lines * 10, 1000) if args.node else args.lines
+    for result, lines in api.follow_logs(args.inventory, lines=wanted, interval=args.interval, **options):
         if not result.ok:
             print("\n".join(fmt.problem_lines(result) + [fmt.outcome_line(result)]), file=sys.stderr)
             code = exit_code(result)
@@ -179,13 +183,13 @@ def logs(args, options, console, parser):
                 break
             continue
         if first:
-            first = False
             if args.node and args.node not in node_names(result) and result.logs:
                 parser.error(f"--node {args.node}: no such node; the nodes are {', '.join(sorted(result.logs))}")
             if not result.logs:
                 print("\n".join(fmt.job_summary(result.job_status)), file=sys.stderr)
                 return 1
-        print_logs(args, result, lines, console)
+        print_logs(args, result, lines, console, last=args.lines if first else None)
+        first = False
         code = 0
         if not args.follow:
             break

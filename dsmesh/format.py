@@ -150,6 +150,10 @@ def finished_lines(job):
     return lines
 
 
+def clipped(line, width=160):
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
 def failed_lines(job):
     lines = []
     failure = job.get("failure") or {}
@@ -157,8 +161,8 @@ def failed_lines(job):
         lines.append(f"  {failure.get('node')}: {failure['reason']}")
     tail = job.get("log_tail") or []
     if tail:
-        lines.append("  last lines of the log:")
-        lines += [f"    {line}" for line in tail]
+        lines.append("  last lines of the log (dsmesh logs for more):")
+        lines += [f"    {clipped(line)}" for line in tail]
     return lines
 
 
@@ -179,9 +183,8 @@ def job_summary(job, now=None):
             head += f", {phase}"
     elif state == "failed":
         head += f" (exit {job.get('exit_code')})" if job.get("exit_code") else ""
-        if job.get("failed_nodes"):
-            head += f" on {', '.join(job['failed_nodes'])}"
-        elif job.get("failed_node"):
+        # failed_node is where it started; the other nodes' ranks ended because of it
+        if job.get("failed_node"):
             head += f" on {job['failed_node']}"
     lines = [head]
     progress = progress_fields(job, now)
