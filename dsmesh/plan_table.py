@@ -11,10 +11,6 @@ GPU_LIMITS = ("usable", "device_total")
 HOST_PARTS = ("reserved_and_processes", "model_loading", "offload", "final_save")
 
 
-def billions(parameters):
-    return "?" if parameters is None else f"{parameters / 1e9:.1f}B"
-
-
 def label(key):
     return key.replace("_", " ")
 
@@ -90,26 +86,31 @@ def plan_lines(report, tokens=None):
     lines = []
     finetune = plan.get("finetune") or "full"
     trainable = plan.get("trainable_parameters")
-    lines.append(f"Model: {model.get('name')}, {billions(model.get('parameters'))} parameters, {finetune} fine-tune"
-                 + (f" ({billions(trainable)} trainable)" if trainable and finetune != "full" else "")
+    lines.append(f"Model: {model.get('name')}, {count(model.get('parameters'))} parameters, {finetune} fine-tune"
+                 + (f" ({count(trainable)} trainable)" if trainable and finetune != "full" else "")
                  + f", sequence {plan.get('seq_len')}, global batch {plan.get('global_batch_size')}")
-    lines.append(f"Cluster: {plan.get('nodes')} node(s), {ranks} x {plan.get('gpu_model')} "
-                 f"({gib(memory.get('device_total'))} GiB), slots {' + '.join(map(str, slots))}, {plan.get('precision')}")
+    gpu = plan.get("device") != "cpu"
+    ranks_are = f"{ranks} x {plan.get('gpu_model')} ({gib(memory.get('device_total'))} GiB)" if gpu else \
+        f"{ranks} CPU rank(s)"
+    lines.append(f"Cluster: {plan.get('nodes')} node(s), {ranks_are}, slots {' + '.join(map(str, slots))}, "
+                 f"{plan.get('precision')}")
     lines.append("")
     lines.append(f"Plan: {plan.get('label')}")
     lines.append(f"  engine {plan.get('engine')}, ZeRO stage {plan.get('zero_stage')}, "
                  f"micro-batch {plan.get('micro_batch_size')} x {plan.get('gradient_accumulation_steps')} "
                  f"accumulation step(s) x {ranks} rank(s) = global batch {plan.get('global_batch_size')}")
-    lines.append(f"  compile {plan.get('compile')}, {plan.get('master_weights')} master weights, "
+    # the renderer's own words for the weights' precision
+    weights = [line.split(":", 1)[1].strip() for line in report.get("summary") or [] if line.startswith("weights:")]
+    lines.append(f"  compile {plan.get('compile')}, {weights[0] if weights else plan.get('master_weights')}, "
                  f"offload: optimizer {'yes' if plan.get('offload_optimizer') else 'no'}, "
                  f"parameters {'yes' if plan.get('offload_param') else 'no'}")
     lines.append("")
     rows = gpu_memory_rows(memory)
-    lines += rows_table(rows, ("GPU memory per rank", "GiB"), right=(1,))
+    lines += rows_table(rows, ("GPU memory per rank" if gpu else "Memory per rank", "GiB"), right=(1,))
     lines.append(f"of {gib(memory.get('usable'))} GiB usable ({gib(memory.get('device_total'))} on the device)")
     lines.append("")
     per_node = [(f"GPU: {max(slots, default=0)} rank(s) x {gib(memory.get('peak_reserved'))} reserved",
-                 gib((memory.get("peak_reserved") or 0) * max(slots, default=0)))]
+                 gib((memory.get("peak_reserved") or 0) * max(slots, default=0)))] if gpu else []
     per_node += [(f"host: {label(key)}", gib(host[key])) for key in HOST_PARTS if key in host]
     per_node += [(f"host: {label(key)}", gib(value)) for key, value in host.items()
                  if key not in (*HOST_PARTS, "peak")]
