@@ -11,7 +11,9 @@ never matches the marker that finds the run's ranks (--output_dir=OUT, rundir.ra
   which a frozen node produces once ssh's keepalives give up), it interrupts the launcher after a short
   grace, escalating to SIGTERM and SIGKILL, then ends any rank of this run still alive on any node;
 - on SIGTERM or SIGINT (playbooks/stop.yml) it does the same;
-- writes DIR/exit_code ("0", the launcher's code, or "stopped") and DIR/failure.json (node, reason).
+- writes DIR/exit_code ("0", the launcher's code, or "stopped") and DIR/failure.json (node, reason);
+- with --checkpoint-ring, copies every node's ranks of each new checkpoint to the next node while the
+  job runs (dsmesh.checkpoint_ring), and lets the last copy finish before it writes exit_code.
 """
 import argparse
 import os
@@ -23,6 +25,7 @@ import time
 
 from ansible_collections.dsmesh.cluster.plugins.module_utils import rundir
 from ansible_collections.dsmesh.cluster.plugins.module_utils.pdsh import node_exit, pdsh_argv
+from dsmesh.checkpoint_ring import CheckpointRing
 
 
 class Supervisor:
@@ -88,6 +91,8 @@ class Supervisor:
                                      start_new_session=True)
         reader = threading.Thread(target=self.watch_output, daemon=True)
         reader.start()
+        ring = CheckpointRing(self.args.checkpoint_ring.split(","), self.args.output_dir, self.log).start() \
+            if self.args.checkpoint_ring and self.args.output_dir else None
         rc = self.proc.wait()
         reader.join(timeout=5)
         if self.failure or self.stop_requested or rc != 0:
@@ -98,6 +103,8 @@ class Supervisor:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        if ring:
+            ring.finish(10 if self.stop_requested else 300 if rc == 0 and not self.failure else 30)
         if self.failure:
             self.failure["launcher_exit_code"] = rc
             rundir.write_json_atomic(os.path.join(self.args.run_dir, rundir.FAILURE), self.failure)
@@ -112,6 +119,9 @@ def main(argv=None):
     p.add_argument("--run-dir", required=True)
     p.add_argument("--output-dir", help="the run's output directory: its ranks carry --output_dir=OUTPUT_DIR")
     p.add_argument("--nodes", help="comma-separated addresses of every node, for the final clean-up")
+    p.add_argument("--checkpoint-ring", help="comma-separated addresses of every node when they do not share the "
+                                             "output directory: each copies its predecessor's ranks of every new "
+                                             "checkpoint (dsmesh.checkpoint_ring)")
     p.add_argument("--grace", type=float, default=5.0,
                    help="seconds the launcher gets to end by itself after a node is lost")
     args = p.parse_args(argv)

@@ -83,6 +83,7 @@ def run_identity(model_args, data_args, lora_args, training_args, fingerprints, 
 def train(pre, rank, local_rank, world_size, say, state):
     import torch
 
+    from ansible_collections.dsmesh.cluster.plugins.module_utils.trainer_fields import get_path
     from train import args as args_mod
     from train import checkpoints, data, metrics, modeling
     from train.trainer import (
@@ -127,8 +128,9 @@ def train(pre, rank, local_rank, world_size, say, state):
         try:
             resume_from, notes = checkpoints.prepare_output_dir(
                 output_dir, identity, resume=run_args.resume, overwrite=run_args.overwrite_output_dir,
-                resume_from=training_args.resume_from_checkpoint)
-            decision = {"resume_from": resume_from, "notes": notes}
+                resume_from=training_args.resume_from_checkpoint,
+                universal=bool(get_path(info["ds_config"] or {}, "checkpoint.load_universal")))
+            decision = {"resume_from": resume_from, "notes": notes, "run": checkpoints.read_run(output_dir)}
         except checkpoints.RunMismatch as e:
             decision = {"error": str(e)}
     decision = distributed.broadcast_object(decision)
@@ -137,6 +139,7 @@ def train(pre, rank, local_rank, world_size, say, state):
     resume_from = decision["resume_from"]
     if rank != 0 and training_args.save_on_each_node and training_args.local_process_index == 0:
         checkpoints.remove_incomplete(output_dir)  # this node's own copies
+        checkpoints.write_run(output_dir, decision["run"])  # so that this node can become the master
     for note in decision["notes"]:
         say(note)
     state["owns_output_dir"] = True

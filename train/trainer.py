@@ -7,6 +7,7 @@ import time
 from transformers import Trainer, TrainerCallback
 
 from train import checkpoints, distributed
+from train.data import GlobalBatchOrder
 from train.metrics import MetricsWriter, console, format_line, progress_bar
 
 # Test hook: "kill_before_mark:N" SIGKILLs rank 0 after checkpoint-N is written but before it is
@@ -26,6 +27,15 @@ class SFTTrainer(Trainer):
             self.meter.tokens += int(num_tokens)
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "random" or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        # the same rows for each optimizer step at any world size (a resume on other nodes relies on it)
+        args = self.args
+        return GlobalBatchOrder(len(dataset), args.per_device_train_batch_size * args.gradient_accumulation_steps
+                                * args.world_size, args.seed if args.data_seed is None else args.data_seed)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop("num_tokens", None)
@@ -219,7 +229,7 @@ class CheckpointCallback(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
         if args.should_save:
             checkpoints.ensure_latest_tag(path, step)
-            checkpoints.mark_complete(path, step, world_size=args.world_size)
+            checkpoints.mark_complete(path, step, **checkpoints.marker_fields(args))
             removed = checkpoints.rotate(args.output_dir, self.keep)
             if args.process_index == 0:
                 took = time.perf_counter() - started

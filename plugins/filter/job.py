@@ -1,4 +1,7 @@
-"""Filters of the job's side: one node as the render and the preflight take it."""
+"""Filters of the job's side: one node as the render and the preflight take it; the answer a node
+program printed."""
+
+import json
 
 from .cluster import cluster_address
 
@@ -29,6 +32,20 @@ def job_node(hostvars):
     return node
 
 
+def json_answer(result):
+    """The JSON object a node program printed last on stdout (dsmesh.resume's plan or report), or {}
+    when it printed none (it crashed, or the task was skipped)."""
+    result = result or {}
+    lines = result.get("stdout_lines") or str(result.get("stdout") or "").splitlines()
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return {}
+
+
 class FilterModule:
     def filters(self):
-        return {"job_node": job_node}
+        return {"job_node": job_node, "json_answer": json_answer}

@@ -63,6 +63,8 @@ def job_status(run_dir, output_dir):
         state = "failed"
     status = {"state": state, "run_id": run["id"], "run_dir": run_dir, "pid": run.get("pid"),
               "started": run.get("started"), "exit_code": exit_code, "log": log}
+    if run.get("resume"):
+        status["resume"] = resume_summary(run["resume"])
     metrics = last_metrics(os.path.join(output_dir, rundir.METRICS))
     if metrics:
         status.update(step=metrics.get("step"), loss=metrics.get("loss"),
@@ -87,7 +89,38 @@ def job_status(run_dir, output_dir):
                 status["failed_nodes"] = [failure["node"]]
         status["failed_node"] = status["failed_nodes"][0] if status["failed_nodes"] else None
         status["log_tail"] = rundir.tail_lines(log, 15)
+        errors = rank_errors(rundir.tail_lines(log, 400))
+        if errors:
+            status["error"] = errors[-1]
     return status
+
+
+def rank_errors(lines):
+    """`node: error: ...` lines: what a rank said before it stopped (a bad input, a full disk)."""
+    return [line.strip() for line in lines if ": error: " in line and not line.startswith("[dsmesh.")]
+
+
+def resume_summary(resume):
+    """What the launch's resume step did, for status: the checkpoint, the change of world size and
+    layout, conversion and copies."""
+    out = {"state": resume.get("state"), "notes": resume.get("notes", [])}
+    if resume.get("state") != "resume":
+        return out
+    written, now = resume.get("written") or {}, resume.get("layout") or {}
+    out.update(checkpoint=resume.get("checkpoint"), step=resume.get("step"), universal=resume.get("universal"),
+               converted=resume.get("convert"), convert_seconds=resume.get("convert_seconds"),
+               copies=len(resume.get("copies") or []), removed=resume.get("remove") or {},
+               from_layout=written, to_layout=now)
+    out["line"] = (f"resumed from {resume.get('checkpoint')}"
+                   + (f", {written.get('world_size')} -> {now.get('world_size')} rank(s)"
+                      f" (micro-batch {written.get('per_device_train_batch_size')} x {written.get('gradient_accumulation_steps')}"
+                      f" -> {now.get('per_device_train_batch_size')} x {now.get('gradient_accumulation_steps')})"
+                      if resume.get("universal") else "")
+                   + (f", converted to the universal format in {resume['convert_seconds']:.1f}s"
+                      if resume.get("convert_seconds") is not None else "")
+                   + (f", {len(resume['copies'])} cop{'y' if len(resume['copies']) == 1 else 'ies'} between nodes"
+                      if resume.get("copies") else ""))
+    return out
 
 
 def start(run_dir, command, cwd, env, run_id, supervisor=None):
@@ -110,6 +143,12 @@ def start(run_dir, command, cwd, env, run_id, supervisor=None):
     os.symlink(os.path.join(rundir.LOGS, f"{run_id}.log"), link)
     record = {"id": run_id, "pid": proc.pid, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
               "cwd": cwd}
+    # what the launch's resume step did before this start belongs to this launch
+    resume_path = os.path.join(run_dir, rundir.RESUME)
+    resume = rundir.read_json(resume_path)
+    if resume is not None:
+        record["resume"] = resume
+        os.remove(resume_path)
     launches = rundir.read_json(os.path.join(run_dir, rundir.LAUNCHES), {}).get("launches", [])
     rundir.write_json_atomic(os.path.join(run_dir, rundir.LAUNCHES), {"launches": launches + [record]})
     return record

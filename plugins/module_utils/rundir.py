@@ -11,11 +11,15 @@ A run directory on the master holds:
     logs/<id>.log        the launcher's output for each launch; launch.log points to the newest
     exit_code            written when the launcher ends: its code, or "stopped"
     failure.json         the node lost and why, when the supervisor ended the job for it
-    output/              the training package's: metrics.jsonl, summary.json, phase.json, checkpoints
+    resume.json          what the launch's resume step did (converted, copied, re-planned), until the
+                         start files it into launches.json
+    output/              the training package's: metrics.jsonl, summary.json, phase.json, run.json,
+                         checkpoints (checkpoint-N/ on every node, each node's copy marked complete)
 """
 
 import json
 import os
+import re
 import shlex
 import tempfile
 
@@ -26,13 +30,46 @@ LOGS = "logs"
 LAUNCH_LOG = "launch.log"
 EXIT_CODE = "exit_code"
 FAILURE = "failure.json"
+RESUME = "resume.json"
 # In the output directory, written by rank 0 of the training package.
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PHASE = "phase.json"
+RUN_RECORD = "run.json"
+# In checkpoint-N/ on each node: its copy is complete (the training package, or the resume step that
+# put it there); the ranks' files it holds for another node (the supervisor's replication); a complete
+# universal copy (DeepSpeed's world-size-free format, the resume step's conversion).
+CHECKPOINT_MARKER = "checkpoint_complete.json"
+REPLICA_MARKER = "replica_complete.json"
+UNIVERSAL_MARKER = "universal_complete.json"
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 STATES = ("none", "running", "finished", "failed", "stopped")
 STOPPED = "stopped"  # exit_code of a run stop.yml ended
+
+
+def checkpoint_dirs(output_dir):
+    """[(step, path)] of the checkpoint-N directories in output_dir, oldest first."""
+    try:
+        names = os.listdir(output_dir)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        m = CHECKPOINT_DIR.match(name)
+        if m and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def universal_tag(checkpoint):
+    """The tag of checkpoint-N's complete universal copy (its marker and latest_universal agree and
+    the directory is there), or None."""
+    marker = read_json(os.path.join(checkpoint, UNIVERSAL_MARKER)) or {}
+    tag = read_text(os.path.join(checkpoint, "latest_universal"))
+    if tag and marker.get("tag") == tag and os.path.isdir(os.path.join(checkpoint, tag)):
+        return tag
+    return None
 
 
 def fsync_dir(path):

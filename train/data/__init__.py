@@ -19,13 +19,13 @@ Chats may carry TRL's `tools` column (tool schemas, or a JSON string of them) fo
 every token of a chat (TRL's switches, with this package's defaults: both on).
 """
 
-from .batches import Collator, ExampleDataset, PackedDataset, SyntheticDataset, pack_examples
+from .batches import Collator, ExampleDataset, GlobalBatchOrder, PackedDataset, SyntheticDataset, pack_examples
 from .build import Datasets, build_datasets, check_chat_template, split_paths
 from .readers import FORMATS, looks_like_hub_id, read_dataset
 from .records import IGNORE_INDEX, DataError, DataStats, Record, check_text_field, record_kind
 from .tokenizing import chat_segments, tokenize_records
 
-__all__ = ["FORMATS", "IGNORE_INDEX", "Collator", "DataError", "DataStats", "Datasets", "ExampleDataset",
-           "PackedDataset", "Record", "SyntheticDataset", "build_datasets", "chat_segments", "check_chat_template",
-           "check_text_field", "looks_like_hub_id", "pack_examples", "read_dataset", "record_kind", "split_paths",
-           "tokenize_records"]
+__all__ = ["Collator", "DataError", "DataStats", "Datasets", "ExampleDataset", "FORMATS", "GlobalBatchOrder",
+           "IGNORE_INDEX", "PackedDataset", "Record", "SyntheticDataset", "build_datasets", "chat_segments",
+           "check_chat_template", "check_text_field", "looks_like_hub_id", "pack_examples", "read_dataset",
+           "record_kind", "split_paths", "tokenize_records"]

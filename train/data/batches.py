@@ -1,5 +1,5 @@
 """Examples into sequences and batches: packing without attention leaking between examples, the
-datasets the Trainer reads, synthetic rows for benchmarks, the collator."""
+datasets the Trainer reads, synthetic rows for benchmarks, the order of training rows, the collator."""
 
 import math
 from dataclasses import dataclass
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .records import IGNORE_INDEX
+from .records import IGNORE_INDEX, DataError
 
 
 def pack_examples(lengths, capacity):
@@ -113,6 +113,31 @@ class SyntheticDataset(torch.utils.data.Dataset):
         labels = input_ids.copy()
         labels[0] = IGNORE_INDEX
         return {"input_ids": input_ids, "labels": labels, "position_ids": np.arange(self.length)}
+
+
+class GlobalBatchOrder(torch.utils.data.Sampler):
+    """The order training rows are read in: each epoch a permutation seeded by (seed, epoch), cut to
+    whole global batches, so optimizer step k of an epoch trains rows [k*G, (k+1)*G) of it whatever
+    the ranks x micro-batch x accumulation that make up G (a run resumed on another world size sees
+    the rows the uninterrupted run would). accelerate hands rank r micro-batches r, r+W, ... of it;
+    the epoch's last rows that fill no global batch are left out (other rows each epoch)."""
+
+    def __init__(self, num_rows, global_batch, seed):
+        if num_rows < global_batch:
+            raise DataError(f"the training data has {num_rows} sequences, fewer than one global batch of "
+                            f"{global_batch}: give more data or a smaller global batch")
+        self.num_rows, self.global_batch, self.seed = num_rows, global_batch, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_rows // self.global_batch * self.global_batch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_rows, generator=generator)[:len(self)].tolist())
 
 
 @dataclass
