@@ -32,6 +32,9 @@ shift || true
 
 if [[ -n $job ]]; then
   start=$SECONDS
+  # The job ran at low priority while the run went on; now the run waits for it. It leads its
+  # own process group (setsid): back to normal priority, ssh-keygen included.
+  if [[ -s $job ]]; then renice -n 0 -g "$(cat "$job")" >/dev/null 2>&1 || true; fi
   while [[ -s $job ]] && kill -0 "$(cat "$job" 2>/dev/null)" 2>/dev/null; do
     if ((SECONDS - start > job_timeout)); then
       echo "$host: the new RSA host key is not ready after $job_timeout s (job $(cat "$job"))" >&2
