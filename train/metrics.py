@@ -13,18 +13,10 @@ import time
 
 import torch
 
+from ansible_collections.dsmesh.cluster.plugins.module_utils.gpus import gpu_spec
 from train import distributed
 
 logger = logging.getLogger(__name__)
-
-# Dense bf16/fp16 tensor-core peak per device, TFLOPS (vendor data sheets). Order matters:
-# the first substring found in the device name wins.
-PEAK_TFLOPS = [
-    ("GB200", 2500), ("B200", 2250), ("B100", 1750),
-    ("GH200", 989), ("H200", 989), ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H800", 989),
-    ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181), ("A10G", 125), ("A10", 125), ("L4", 121),
-    ("A6000", 155), ("V100", 125),
-]
 
 
 def peak_flops_per_device(args, override_tflops=None):
@@ -33,11 +25,8 @@ def peak_flops_per_device(args, override_tflops=None):
         return override_tflops * 1e12
     if not torch.cuda.is_available() or not (args.bf16 or args.fp16):
         return None
-    name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
+    spec = gpu_spec(torch.cuda.get_device_name())  # the one GPU table, the planner's too
+    return spec["peak_tflops"] * 1e12 if spec else None
 
 
 def memory_reserved_gib():
