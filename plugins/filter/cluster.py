@@ -34,39 +34,9 @@ def cluster_node(hostvars):
     }
 
 
-def hostfile_node(hostvars):
-    """One host as the hostfile and the preflight take it: name, address, slots (and GPUs found)."""
-    return {
-        "name": str(hostvars.get("inventory_hostname")),
-        "address": cluster_address(hostvars),
-        "slots": hostvars.get("gpus"),
-        "gpu_count": hostvars.get("ds_gpu_count"),  # set by the gpu_facts module when it ran
-    }
-
-
 def cluster_address_of(name, hostvars):
     """cluster_address of the host called `name`: ``inventory_hostname | cluster_address_of(hostvars)``."""
     return cluster_address(hostvars[name])
-
-
-def cli_flags(mapping):
-    """{name: value} -> ["--name=value", ...] for HfArgumentParser (None dropped, lists repeated
-    as separate values, booleans as true/false, mappings as JSON)."""
-    import json
-
-    flags = []
-    for key, value in (mapping or {}).items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            flags.append(f"--{key}={'true' if value else 'false'}")
-        elif isinstance(value, (list, tuple)):
-            flags += [f"--{key}"] + [str(v) for v in value]
-        elif isinstance(value, dict):
-            flags.append(f"--{key}={json.dumps(value)}")
-        else:
-            flags.append(f"--{key}={value}")
-    return flags
 
 
 def key_login_targets(nodes, addresses, hub=None, mode="ring"):
@@ -100,6 +70,6 @@ def key_login_targets(nodes, addresses, hub=None, mode="ring"):
 
 class FilterModule:
     def filters(self):
-        return {"cluster_address": cluster_address, "cluster_node": cluster_node, "hostfile_node": hostfile_node,
-                "cluster_address_of": cluster_address_of, "cli_flags": cli_flags, "key_login_targets": key_login_targets,
+        return {"cluster_address": cluster_address, "cluster_node": cluster_node,
+                "cluster_address_of": cluster_address_of, "key_login_targets": key_login_targets,
                 "node_names": node_names}
