@@ -9,6 +9,11 @@ description:
     hold exactly one host, the master is not a cluster node, two hosts share an address or a cluster
     address, or a host's C(gpus) is not a positive whole number.
   - Reads only its arguments (run it on the controller); changes nothing, so check mode is the same run.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
 options:
   nodes:
     description: The cluster group's hosts, each with C(name), C(ansible_host), C(cluster_address), C(gpus).
@@ -28,7 +33,9 @@ options:
     description: Name of the master group, for messages.
     type: str
     default: master
-author: dsmesh
+version_added: "1.0.0"
+author:
+  - dsmesh ML infrastructure team
 """
 
 EXAMPLES = r"""

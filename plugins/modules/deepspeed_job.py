@@ -54,6 +54,7 @@ options:
     type: list
     elements: str
     default: []
+version_added: "1.0.0"
 author:
   - dsmesh ML infrastructure team
 attributes:

@@ -16,7 +16,13 @@ description:
   - Changes nothing on the node; runs in check mode too.
 version_added: "1.0.0"
 author:
-  - ML infrastructure team
+  - dsmesh ML infrastructure team
+attributes:
+  check_mode:
+    support: full
+    details: It only reads; check mode gathers the same facts.
+  diff_mode:
+    support: none
 options:
   cluster_address:
     description: The address (or name, resolved on the node) the nodes reach this node by.
@@ -31,14 +37,14 @@ options:
     type: bool
     default: true
 notes:
-  - Supports check mode. Facts are returned under C(ansible_facts) with a C(ds_) prefix.
+  - Facts are returned under C(ansible_facts) with a C(ds_) prefix.
 seealso:
-  - module: deepspeed_hostfile
+  - module: dsmesh.cluster.deepspeed_render
 """
 
 EXAMPLES = r"""
 - name: Gather GPU facts
-  gpu_facts:
+  dsmesh.cluster.gpu_facts:
     cluster_address: "{{ cluster_address | default(ansible_host) }}"
 
 - name: Show them

@@ -10,6 +10,11 @@ description:
   - Reports each node's clock offset from the master and the skew between nodes; warns (or fails)
     past a threshold, since distributed training and its logs assume clocks that agree.
   - Changes nothing; check mode runs the same read-only check.
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: none
 options:
   hosts:
     description: Addresses pdsh reaches the nodes by (the hostfile's first column).
@@ -28,7 +33,9 @@ options:
   fail_skew_seconds:
     description: Fail when two nodes' clocks differ by more than this. Unset never fails on skew.
     type: float
-author: dsmesh
+version_added: "1.0.0"
+author:
+  - dsmesh ML infrastructure team
 """
 
 EXAMPLES = r"""
