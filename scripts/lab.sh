@@ -13,6 +13,8 @@
 # the nodes like a usual Ubuntu server instead: root may not log in over ssh, and NAME (the
 # cluster user) logs in with the password and becomes root with sudo and the same password.
 # The image is built from the Debian mirror this machine's apt uses (LAB_MIRROR=URL to choose).
+# LAB_SHARED_DIR=DIR mounts DIR read-write at /var/lib/dsmesh/shared on every node: a shared
+# filesystem (NFS, Lustre) as the job's shared storage sees it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -37,6 +39,10 @@ IMAGE=localhost/dsmesh-node:$IMAGE_TAG
 # Lab nodes get the controller's Python environment and checkout read-only at the same paths,
 # as an NFS mount would give them (DeepSpeed's runner needs identical paths on every node).
 MOUNTS=(-v "$ROOT/.venv:$ROOT/.venv:ro")
+if [[ -n ${LAB_SHARED_DIR:-} ]]; then
+  mkdir -p "$LAB_SHARED_DIR"
+  MOUNTS+=(-v "$LAB_SHARED_DIR:/var/lib/dsmesh/shared")
+fi
 
 log() { printf 'lab: %s\n' "$*" >&2; }
 

@@ -43,6 +43,23 @@ class RunSpec:
     launcher_args: list = field(default_factory=list)
     master_port: int = 29500
 
+    def __post_init__(self):
+        # the values come from Ansible variables: -e key=value gives strings
+        self.max_seq_length, self.global_batch_size = int(self.max_seq_length), int(self.global_batch_size)
+        self.master_port = int(self.master_port)
+        self.shared_storage = as_bool(self.shared_storage, "shared_storage")
+
+
+def as_bool(value, name):
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0", ""):
+        return False
+    raise ValueError(f"job setting {name}: {value!r} is not true or false")
+
 
 @dataclass
 class Rendered:

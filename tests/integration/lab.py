@@ -23,11 +23,14 @@ def podman_env():
 class Lab:
     """A lab of N nodes under its own prefix (containers PREFIX-node1..N)."""
 
-    def __init__(self, prefix, nodes, sudo_user=None):
+    def __init__(self, prefix, nodes, sudo_user=None, shared_dir=None):
         self.prefix = prefix
         self.nodes = nodes
         self.env = podman_env()
         self.env["LAB_PREFIX"] = prefix
+        # One directory of this machine at /var/lib/dsmesh/shared on every node (shared storage).
+        if shared_dir:
+            self.env["LAB_SHARED_DIR"] = str(shared_dir)
         # Nodes like a usual Ubuntu server: root may not log in, sudo_user logs in and uses sudo.
         if sudo_user:
             self.env["LAB_SUDO_USER"] = sudo_user

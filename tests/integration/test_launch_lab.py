@@ -15,9 +15,12 @@ RUNS = "/var/lib/dsmesh/runs"
 MARKER = "[-]-output_dir=" + RUNS
 
 
+SHARED = "/var/lib/dsmesh/shared"  # where the lab mounts one directory into every node
+
+
 @pytest.fixture(scope="module")
-def lab():
-    lab = Lab("dse2e", 2).up(fresh=True)
+def lab(tmp_path_factory):
+    lab = Lab("dse2e", 2, shared_dir=tmp_path_factory.mktemp("shared")).up(fresh=True)
     yield lab
     lab.down()
 
@@ -125,6 +128,34 @@ def test_stop_ends_every_rank(lab):
     for node in lab.names():
         assert not ranks_on(lab, node, "stopme")
     assert "stopped run stopme-" in status(lab, "stopme")
+
+
+def test_shared_storage_is_proven_and_keeps_one_copy(lab):
+    master, other = lab.names()
+    # claimed but not shared (each node's own /var/lib/dsmesh/runs): the preflight names the node
+    proc = lab.playbook("playbooks/preflight.yml", "-e", "deepspeed_job_shared_storage=true")
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode != 0 and f"shared storage {other}" in out and "is not shared with" in out, out[-3000:]
+    assert f"FAIL shared storage {master}" not in out
+    # on the shared mount: the preflight passes, the job trains and keeps one copy of its checkpoints
+    runs = f"{SHARED}/runs"
+    lab.exec(master, f"mkdir -p {runs}")
+    settings = json.dumps({"deepspeed_job_shared_storage": True, "deepspeed_job_runs_dir": runs,
+                           "deepspeed_job_run_name": "shared",
+                           "deepspeed_job_train_args": {"max_steps": 6, "save_steps": 3, "logging_steps": 1,
+                                                        "learning_rate": 0.003}})
+    proc = lab.playbook("playbooks/launch.yml", "-e", settings, check=True)
+    assert "ok    shared storage" in " ".join(proc.stdout.split()) or "shared storage" in proc.stdout
+    code = wait_for(lambda: lab.exec(master, f"cat {runs}/shared/exit_code 2>/dev/null || true").stdout.strip(),
+                    300, "the shared-storage job to end")
+    assert code == "0", lab.exec(master, f"tail -30 {runs}/shared/launch.log").stdout
+    config = json.loads(lab.exec(master, f"cat {runs}/shared/ds_config.json").stdout)
+    assert config["checkpoint"]["use_node_local_storage"] is False
+    assert "--save_on_each_node=false" in lab.exec(master, f"cat {runs}/shared/launch.sh").stdout
+    # the other node sees the master's checkpoints through the mount: one copy, marked complete
+    listing = lab.exec(other, f"ls {runs}/shared/output").stdout.split()
+    assert {"checkpoint-3", "checkpoint-6"} <= set(listing), listing
+    lab.exec(other, f"test -f {runs}/shared/output/checkpoint-6/checkpoint_complete.json")
 
 
 def test_a_frozen_node_ends_the_job_within_two_minutes_and_is_named(lab):
