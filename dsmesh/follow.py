@@ -20,9 +20,12 @@ class JobColumn(ProgressColumn):
         now = time.time()
         parts = [part for part in fmt.progress_fields(job, now) if not part.startswith("step ")]
         phase = fmt.phase_text(job, now)
-        if phase and job.get("state") == "running" and (job.get("phase") or {}).get("phase") != "training":
+        if phase and job.get("state") == "running" and fmt.current_phase(job).get("phase") != "training":
             parts.insert(0, phase)  # loading, compiling, saving: say it, the bar stands still meanwhile
-        return Text(" | ".join(parts))
+        elif job.get("state") == "running" and not parts:
+            parts.append("starting")
+        # one line whatever the terminal's width: the end is cut, not wrapped under the bar
+        return Text(" | ".join(parts), no_wrap=True, overflow="ellipsis")
 
 
 def stamp():
@@ -41,8 +44,8 @@ class StatusView:
 
     def __enter__(self):
         if self.live:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), JobColumn(),
-                                     console=self.console, transient=False)
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                     JobColumn(), console=self.console, transient=False)
             self.progress.start()
         return self
 
@@ -57,13 +60,13 @@ class StatusView:
 
     def update(self, job):
         job = job or {}
-        key = (job.get("run_id"), job.get("state"), job.get("step"), (job.get("phase") or {}).get("phase"))
+        key = (job.get("run_id"), job.get("state"), job.get("step"), fmt.current_phase(job).get("phase"))
         if not self.live:
             if key != self.last_key:
                 self.console.print(Text(f"[{stamp()}] {fmt.status_line(job)}"), soft_wrap=True)
             self.last_key = key
             return
-        description = f"{job.get('run_id') or 'job'} {job.get('state') or ''}".strip()
+        description = job.get("run_id") or "job"
         if self.task is None or key[0] != (self.last_key or (None,))[0]:
             if self.task is not None:
                 self.progress.stop_task(self.task)

@@ -44,6 +44,24 @@ def gib(value):
     return "?" if value is None else f"{value:.2f}"
 
 
+def started_at(job):
+    """The newest launch's start (launches.json's started) as a unix time, else None."""
+    try:
+        return datetime.datetime.strptime(job.get("started") or "", "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        return None
+
+
+def current_phase(job):
+    """phase.json's record when this launch wrote it: a relaunch into the same output directory finds
+    the last launch's ("done") until its own rank 0 writes one."""
+    phase = job.get("phase") or {}
+    started = started_at(job)
+    if not phase.get("phase") or (started and phase.get("since") and phase["since"] < started - 1):
+        return {}
+    return phase
+
+
 def local_time(stamp):
     """HH:MM:SS of launches.json's started (%Y-%m-%dT%H:%M:%S%z) or a unix time, in local time."""
     if stamp is None:
@@ -77,8 +95,8 @@ def eta_seconds(job, now=None):
 
 def phase_text(job, now=None):
     """'compiling (42s)': what the run is doing and for how long (phase.json), while it runs."""
-    phase = job.get("phase") or {}
-    if not phase.get("phase"):
+    phase = current_phase(job)
+    if not phase:
         return None
     since = phase.get("since")
     now = time.time() if now is None else now
@@ -123,6 +141,8 @@ def status_line(job, now=None):
     phase = phase_text(job, now) if state == "running" else None
     if phase:
         head += f", {phase}"
+    elif state == "running" and job.get("step") is None:
+        head += ", starting"
     return " | ".join([head, *progress_fields(job, now)])
 
 

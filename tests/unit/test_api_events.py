@@ -272,8 +272,11 @@ def test_status_of_a_training_run_in_words():
     assert fmt.status_line(more, now=now) == ("running, training (1s) | step 10/40 | loss 3.7073 | 8.77k tokens/s "
                                               "(predicted 10k, 87.7% of it) | MFU 41.2% | ETA 2s")
     compiling = {**job, "step": None, "loss": None, "tokens_per_s": None, "metrics": None,
-                 "phase": {"phase": "compiling", "since": now - 42}}
-    assert fmt.status_line(compiling, now=now) == "running, compiling (42s)"
+                 "phase": {"phase": "compiling", "since": now - 7}}
+    assert fmt.status_line(compiling, now=now) == "running, compiling (7s)"
+    # a relaunch into the same output directory: the last launch's phase.json is not this one's
+    stale = {**compiling, "phase": {"phase": "done", "since": fmt.started_at(job) - 600}}
+    assert fmt.status_line(stale, now=now) == "running, starting"
 
 
 def test_finished_failed_and_starting_runs_in_words():
