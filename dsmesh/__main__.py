@@ -131,24 +131,29 @@ def print_json(data, indent=2):
 def follow_status(args, options, console):
     """status --follow: 0 when the job finished, 1 when it failed, stopped or there is none."""
     last = None
+    interrupted = False
     with StatusView(console) as view:
-        for result in api.follow_status(args.inventory, interval=args.interval, **options):
-            last = result
-            if args.json:
-                print_json(result.to_dict(), indent=None)
-            elif not result.ok:
-                if result.status != "canceled":
-                    view.note("could not read the status: " + "; ".join(fmt.problem_lines(result) or
-                                                                       [fmt.outcome_line(result)]))
-            else:
-                view.update(result.job_status)
+        try:
+            for result in api.follow_status(args.inventory, interval=args.interval, **options):
+                last = result
+                if args.json:
+                    print_json(result.to_dict(), indent=None)
+                elif not result.ok:
+                    if result.status != "canceled":
+                        view.note("could not read the status: " + "; ".join(fmt.problem_lines(result) or
+                                                                           [fmt.outcome_line(result)]))
+                else:
+                    view.update(result.job_status)
+        except KeyboardInterrupt:  # Ctrl-C between two reads (during one, the read is canceled)
+            interrupted = True
     if last is None:
-        return 1
-    if not args.json:
-        if last.status == "canceled":
+        return 130 if interrupted else 1
+    if interrupted or last.status == "canceled":
+        if not args.json:
             console.print("stopped following; the job goes on (dsmesh stop to end it)")
-        else:
-            console.print(format_summary(last), highlight=False, soft_wrap=True)
+        return 130
+    if not args.json:
+        console.print(format_summary(last), highlight=False, soft_wrap=True)
     if not last.ok:
         return exit_code(last)
     return 0 if api.job_state(last) == "finished" else 1
