@@ -184,9 +184,9 @@ def logs(args, options, console, parser):
         if not result.ok:
             print("\n".join(fmt.problem_lines(result) + [fmt.outcome_line(result)]), file=sys.stderr)
             code = exit_code(result)
-            if result.status == "canceled":
+            if result.status == "canceled" or not args.follow:
                 break
-            continue
+            continue  # following: the next read tries again
         if first:
             if args.node and args.node not in node_names(result) and result.logs:
                 parser.error(f"--node {args.node}: no such node; the nodes are {', '.join(sorted(result.logs))}")
