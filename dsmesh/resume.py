@@ -36,6 +36,7 @@ from ansible_collections.dsmesh.cluster.plugins.module_utils.resume import (
     UNIVERSAL_SUFFIX,
     ResumeError,
     check_rendered,
+    check_rsync,
     check_space,
     launch_hosts,
     plan_resume,
@@ -51,7 +52,8 @@ def survey(output_dir):
     while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
     found = {"run": rundir.read_json(os.path.join(output_dir, rundir.RUN_RECORD)),
-             "free_bytes": shutil.disk_usage(probe).free, "checkpoints": {}}
+             "free_bytes": shutil.disk_usage(probe).free, "rsync": shutil.which("rsync") is not None,
+             "checkpoints": {}}
     for step, path in rundir.checkpoint_dirs(output_dir):
         tag = rundir.read_text(os.path.join(path, "latest")) or f"global_step{step}"
         tag_dir = os.path.join(path, tag)
@@ -226,7 +228,7 @@ def decide(args):
     job = json.loads(args.job_json)
     surveys = survey_nodes(hosts, args.master, args.output_dir)
     plan = plan_resume(surveys, hosts, job, args.master)
-    errors = check_space(plan, surveys) if plan["state"] == "resume" else []
+    errors = check_space(plan, surveys) + check_rsync(plan, surveys) if plan["state"] == "resume" else []
     if errors:
         raise ResumeError("\n".join(errors))
     return hosts, surveys, plan

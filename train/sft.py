@@ -301,11 +301,42 @@ def main(argv=None):
         if isinstance(e, SystemExit) and not e.code:
             raise
         traceback.print_exc()
+        full = disk_full(output_dir, e)
+        if full:
+            print(f"error: {full}", file=sys.stderr, flush=True)
         if state["owns_output_dir"]:
-            _record_failure(rank, output_dir, f"{type(e).__name__}: {e}")
+            _record_failure(rank, output_dir, full or f"{type(e).__name__}: {e}")
         sys.stderr.flush()
         os._exit(1)
     distributed.shutdown()
+
+
+def disk_full(output_dir, exc):
+    """What to say when `exc` came from a full disk under output_dir (torch.save's own error does not
+    say so), else None: the node, the path, the checkpoint that was being written and the one kept."""
+    import errno
+    import shutil
+    import socket
+
+    from train import checkpoints
+
+    seen, cause = [], exc
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    try:
+        usage = shutil.disk_usage(output_dir)
+    except OSError:
+        return None
+    no_space = any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c in seen)
+    if not no_space and usage.free >= min(64 * 2 ** 20, usage.total // 50):
+        return None
+    writing = [os.path.basename(p) for _, p in checkpoints.checkpoint_dirs(output_dir) if not checkpoints.is_complete(p)]
+    kept = checkpoints.latest_complete(output_dir)
+    return (f"{socket.gethostname()}: no space left on the device of {output_dir} ({usage.free / 2 ** 20:.1f} MiB free)"
+            + (f" while writing {writing[-1]}" if writing else "")
+            + "; free space there and launch again: it resumes from "
+            + (os.path.basename(kept) if kept else "the start") + " (complete, untouched)")
 
 
 def _record_failure(rank, output_dir, message):

@@ -10,9 +10,25 @@ from train import checkpoints, distributed
 from train.data import GlobalBatchOrder
 from train.metrics import MetricsWriter, console, format_line, progress_bar
 
-# Test hook: "kill_before_mark:N" SIGKILLs rank 0 after checkpoint-N is written but before it is
-# marked complete, i.e. a crash in the middle of a save.
+# Test hooks: "kill_before_mark:N[:R]" SIGKILLs rank R (default 0) after checkpoint-N is written but
+# before it is marked complete, i.e. a crash in the middle of a save (a rank other than 0 first waits a
+# second, so that the other nodes' marks are written: a crash between two nodes' marks);
+# "pause_before_save_barrier:N:S" makes rank 0 wait S seconds once its part of checkpoint-N is written,
+# while the others wait for it (a save under way, to stop the job in).
 FAULT_ENV = "TRAIN_FAULT_INJECT"
+
+
+def injected_fault(step, rank):
+    """(what, seconds) the test hook asks of this rank at checkpoint-`step`, or (None, 0)."""
+    what, _, rest = os.environ.get(FAULT_ENV, "").partition(":")
+    at, _, arg = rest.partition(":")
+    if not at.isdigit() or int(at) != step:
+        return None, 0
+    if what == "kill_before_mark" and rank == int(arg or 0):
+        return what, 1.0 if rank else 0.0
+    if what == "pause_before_save_barrier" and rank == 0:
+        return what, float(arg or 60)
+    return None, 0
 
 
 class SFTTrainer(Trainer):
@@ -221,11 +237,15 @@ class CheckpointCallback(TrainerCallback):
         step = state.global_step
         path = os.path.join(args.output_dir, f"checkpoint-{step}")
         started = self.meter.mark
+        fault, seconds = injected_fault(step, args.process_index)
+        if fault == "pause_before_save_barrier":
+            time.sleep(seconds)
         distributed.barrier()  # every rank has written its part
         if self.fsync and args.local_process_index == 0:
             checkpoints.flush_to_disk()
         distributed.barrier()
-        if os.environ.get(FAULT_ENV) == f"kill_before_mark:{step}" and args.process_index == 0:
+        if fault == "kill_before_mark":
+            time.sleep(seconds)
             os.kill(os.getpid(), signal.SIGKILL)
         if args.should_save:
             checkpoints.ensure_latest_tag(path, step)

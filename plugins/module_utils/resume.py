@@ -340,6 +340,16 @@ def check_space(plan, surveys, margin=1.1):
     return errors
 
 
+def check_rsync(plan, surveys):
+    """Refusals for nodes a copy needs rsync on (both ends of it) that have none."""
+    nodes = sorted({n for copy in plan.get("gather", []) + plan.get("copies", []) for n in (copy["to"], copy["from"])})
+    lacking = [n for n in nodes if surveys.get(n, {}).get("rsync") is False]
+    if not lacking:
+        return []
+    return [f"{', '.join(lacking)}: no rsync, which the checkpoint copies of this resume need: install it there "
+            "(training_env_sync_data_from_master: true installs it with the environment)"]
+
+
 def check_rendered(plan, rendered_plan):
     """The render's plan must keep what the resume relies on (the pins it was given)."""
     if plan.get("state") != "resume":

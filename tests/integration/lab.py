@@ -69,10 +69,11 @@ class Lab:
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
         return proc
 
-    def exec(self, node, command, check=True, user=None, stdin=None):
+    def exec(self, node, command, check=True, user=None, stdin=None, privileged=False):
         """Run a shell command inside a node through podman (not through the mesh under test), as root
-        or as `user`."""
-        options = (["--user", user] if user else []) + (["-i"] if stdin is not None else [])
+        or as `user`; `privileged` for what a container's root may not do (mount a small filesystem)."""
+        options = (["--user", user] if user else []) + (["-i"] if stdin is not None else []) \
+            + (["--privileged"] if privileged else [])
         proc = subprocess.run(["podman", "exec", *options, node, "bash", "-c", command], env=self.env,
                               capture_output=True, text=True, input=stdin,
                               stdin=None if stdin is not None else subprocess.DEVNULL)
