@@ -9,8 +9,7 @@ import sys
 
 from ansible_collections.dsmesh.cluster.plugins.module_utils import gpus
 from ansible_collections.dsmesh.cluster.plugins.module_utils.nccl import describe, transport
-from ansible_collections.dsmesh.cluster.plugins.module_utils.preflight import (FAIL, OK, WARN, build_report,
-                                                                              network_row)
+from ansible_collections.dsmesh.cluster.plugins.module_utils.preflight import FAIL, OK, WARN, build_report, network_row
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
