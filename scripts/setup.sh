@@ -42,6 +42,11 @@ link_collection() {
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   mkdir -p "$site/ansible_collections/dsmesh"
   ln -sfn "$ROOT" "$site/ansible_collections/dsmesh/cluster"
+  # the dsmesh command from the checkout (no `pip install .` here: pip would write through the link)
+  # shellcheck disable=SC2016 # the wrapper expands them
+  printf '#!/bin/sh\nPYTHONPATH="%s${PYTHONPATH:+:$PYTHONPATH}" exec "%s" -m dsmesh "$@"\n' \
+    "$ROOT" "$VENV/bin/python" >"$VENV/bin/dsmesh"
+  chmod 755 "$VENV/bin/dsmesh"
 }
 STAMP=$VENV/.requirements.sha256
 want=$(sha256sum requirements.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)

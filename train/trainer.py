@@ -290,6 +290,7 @@ class ProgressPrinter(TrainerCallback):
             eta = (now - self.started) / done * (state.max_steps - state.global_step) if done else None
             entry = {
                 "step": state.global_step,
+                "max_steps": state.max_steps,
                 "epoch": logs.get("epoch"),
                 "loss": logs["loss"],
                 "learning_rate": logs.get("learning_rate"),

@@ -75,7 +75,7 @@ def job_status(run_dir, output_dir):
         if status.get("tokens_per_s"):
             status["speed_vs_predicted"] = round(status["tokens_per_s"] / predicted, 3)
     phase = rundir.read_json(os.path.join(output_dir, rundir.PHASE))
-    if phase and state == "running":
+    if phase and state == "running" and not stale_phase(phase, run):
         status["phase"] = phase
     summary = rundir.read_json(os.path.join(output_dir, rundir.SUMMARY))
     if summary and state == "finished":
@@ -93,6 +93,13 @@ def job_status(run_dir, output_dir):
         if errors:
             status["error"] = errors[-1]
     return status
+
+
+def stale_phase(phase, run):
+    """phase.json from an earlier launch into the same output directory (its "done" is not this
+    launch's) until this launch's rank 0 writes its own."""
+    started = run.get("started_unix")
+    return bool(started and phase.get("since") and phase["since"] < started - 1)
 
 
 def rank_errors(lines):
@@ -141,8 +148,8 @@ def start(run_dir, command, cwd, env, run_id, supervisor=None):
     if os.path.lexists(link):
         os.remove(link)
     os.symlink(os.path.join(rundir.LOGS, f"{run_id}.log"), link)
-    record = {"id": run_id, "pid": proc.pid, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command,
-              "cwd": cwd}
+    record = {"id": run_id, "pid": proc.pid, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "started_unix": time.time(), "command": command, "cwd": cwd}
     # what the launch's resume step did before this start belongs to this launch
     resume_path = os.path.join(run_dir, rundir.RESUME)
     resume = rundir.read_json(resume_path)

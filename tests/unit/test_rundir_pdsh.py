@@ -92,3 +92,28 @@ def test_node_lines_and_errors():
     err = "pdsh@lab-node1: lab-node2: ssh: connect to host lab-node2 port 22: Connection refused\n"
     assert node_errors(err, ["lab-node1", "lab-node2"]) == {
         "lab-node2": "ssh: connect to host lab-node2 port 22: Connection refused"}
+
+
+def test_job_status_shows_only_this_launchs_phase(tmp_path):
+    """A relaunch into the same output directory finds the last launch's phase.json ("done"); status
+    leaves it out until this launch's rank 0 writes its own, and keeps the plan's predicted speed."""
+    from ansible_collections.dsmesh.cluster.plugins.module_utils import jobctl
+
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    run_dir.mkdir()
+    out.mkdir()
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        now = time.time()
+        rundir.write_json_atomic(str(run_dir / rundir.LAUNCHES), {"launches": [
+            {"id": "r2", "pid": rank.pid, "started": "2026-12-01T09:00:00+0000", "started_unix": now}]})
+        rundir.write_json_atomic(str(run_dir / rundir.PLAN), {"predicted_tokens_per_s": 1000.0})
+        rundir.write_json_atomic(str(out / rundir.PHASE), {"phase": "done", "since": now - 1080})
+        status = jobctl.job_status(str(run_dir), str(out))
+        assert status["state"] == "running" and "phase" not in status
+        assert status["predicted_tokens_per_s"] == 1000.0
+        rundir.write_json_atomic(str(out / rundir.PHASE), {"phase": "compiling", "since": now + 2})
+        assert jobctl.job_status(str(run_dir), str(out))["phase"]["phase"] == "compiling"
+    finally:
+        rank.kill()
+        rank.wait()
