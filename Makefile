@@ -7,7 +7,7 @@ VENV := $(CURDIR)/.venv
 export PATH := $(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: setup lab lab-down demo test lint molecule render bench-provision bench-launch bench-gpu clean
+.PHONY: setup lab lab-down demo test lint molecule render bench-provision bench-launch bench-resume bench-gpu clean
 
 setup:
 	@bash scripts/setup.sh
@@ -40,6 +40,10 @@ bench-provision: setup
 
 bench-launch: setup
 	@bash bench/launch.sh
+
+# Relaunch to first step with and without converting the checkpoint (lab tiny model, a real shape on the CPU).
+bench-resume: setup
+	@bash bench/resume.sh
 
 # On the GPU machine (see docs/gpu-benchmarks.md).
 bench-gpu:

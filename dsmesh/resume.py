@@ -147,7 +147,7 @@ def pull(output_dir, source, step, ranks=(), base=False, universal=False, replic
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def replicate(output_dir, source, step, wait=30.0):
+def replicate(output_dir, source, step, wait=15.0):
     """The supervisor's ring copy: once checkpoint-`step` is marked here and on `source`, take
     `source`'s own ranks of it. False if the step is gone or never got both marks in time."""
     path = os.path.join(output_dir, f"checkpoint-{step}")
@@ -385,7 +385,7 @@ def main(argv=None):
             cmd.add_argument("--base", action="store_true")
             cmd.add_argument("--universal", action="store_true")
         if name == "replicate":
-            cmd.add_argument("--wait", type=float, default=30.0)
+            cmd.add_argument("--wait", type=float, default=15.0)
         if name == "remove":
             cmd.add_argument("--steps", type=int, nargs="+", required=True)
     args = p.parse_args(argv)

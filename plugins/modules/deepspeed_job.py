@@ -89,7 +89,10 @@ job_status:
       C(tokens_per_s) and the whole C(metrics) line, with the plan's C(predicted_tokens_per_s) and
       C(speed_vs_predicted) (measured over predicted) where the plan has them; while running C(phase) (C(loading), C(compiling),
       C(training), C(saving) and since when); when finished C(summary); when failed C(failed_nodes),
-      C(failed_node), C(failure) (the supervisor's record of a lost node) and C(log_tail).
+      C(failed_node), C(failure) (the supervisor's record of a lost node), C(error) (the last C(error:) line a rank
+      printed: a bad input, a full disk with its node and path) and C(log_tail); when the launch's resume step did
+      something, C(resume) (the checkpoint, C(from_layout) and C(to_layout), whether it was converted to the universal
+      format and in how long, the copies between nodes, the checkpoints removed, and a C(line) saying so).
   returned: always
   type: dict
 run_id:

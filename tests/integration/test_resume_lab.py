@@ -61,9 +61,13 @@ def launch(lab, inv, name, fault=None, extra=None, check=True):
                         inventory=inv, check=check)
 
 
+def text(proc):
+    """A play's output as one line, as its messages read (YAML doubles the quote in it's)."""
+    return " ".join(proc.stdout.split()).replace("''", "'")
+
+
 def play(lab, inv, playbook, name):
-    proc = lab.playbook(playbook, "-e", f"deepspeed_job_run_name={name}", inventory=inv, check=True)
-    return " ".join(proc.stdout.split())
+    return text(lab.playbook(playbook, "-e", f"deepspeed_job_run_name={name}", inventory=inv, check=True))
 
 
 def read(lab, where, path, default=""):
@@ -130,7 +134,7 @@ def test_one_node_stopped_mid_save_resumes_on_two_nodes(lab, reference):
     assert marks(lab, master, "grow", 20)["marked"] is False
     assert marks(lab, master, "grow", 10)["marked"] is True
 
-    out = " ".join(launch(lab, two, "grow").stdout.split())
+    out = text(launch(lab, two, "grow"))
     assert "checkpoint-20: marked complete on no node of this launch" in out, out
     assert (f"checkpoint-10 was written by 1 rank(s) x micro-batch 8 x 1 accumulation step(s); this launch has 2 "
             f"rank(s): converting it to DeepSpeed's universal format on {master}; the global batch of 8 is kept") in out
@@ -152,7 +156,7 @@ def test_a_crash_between_the_nodes_marks_resumes_from_the_step_both_have(lab, re
     assert exit_code(lab, master, "marks") not in ("0", "stopped")
     assert marks(lab, master, "marks", 20)["marked"] and not marks(lab, other, "marks", 20)["marked"]
 
-    out = " ".join(launch(lab, inv, "marks").stdout.split())
+    out = text(launch(lab, inv, "marks"))
     assert "checkpoint-20: the state of rank(s) 1 of 2 is complete on no node of this launch" in out, out
     assert f"{other} hold(s) files of it without a mark (a crash between the nodes' marks)" in out
     assert f"removed (their steps are trained again): {master}: checkpoint-20; {other}: checkpoint-20" in out
@@ -177,7 +181,7 @@ def test_a_full_disk_on_one_node_fails_the_job_naming_it_and_a_relaunch_resumes(
             assert marks(lab, where, "full", 10)["marked"] and not marks(lab, where, "full", 20)["marked"]
 
         lab.exec(other, f"mount -o remount,size=64m {output}", privileged=True)
-        out = " ".join(launch(lab, inv, "full").stdout.split())
+        out = text(launch(lab, inv, "full"))
         assert "resuming from checkpoint-10 as written" in out, out
         assert exit_code(lab, master, "full") == "0"
         assert json.loads(read(lab, master, f"{output}/summary.json"))["resumed_from_step"] == 10
@@ -196,7 +200,7 @@ def test_the_master_lost_for_good_the_node_left_converts_and_resumes_alone(lab, 
     subprocess.run(["podman", "rm", "-f", "-t", "0", lost], env=lab.env, check=True, capture_output=True)
 
     alone = inventory(lab, [2])
-    out = " ".join(launch(lab, alone, "shrink").stdout.split())
+    out = text(launch(lab, alone, "shrink"))
     assert (f"checkpoint-10 was written by 2 rank(s) x micro-batch 4 x 1 accumulation step(s); this launch has 1 "
             f"rank(s): converting it to DeepSpeed's universal format on {left}") in out, out
     assert exit_code(lab, left, "shrink") == "0"
@@ -212,7 +216,7 @@ def test_a_change_no_resume_can_carry_is_refused_before_anything_changes(lab):
     listing = f"ls -lR --time-style=full-iso {RUNS}/shrink/output"
     before = lab.exec(left, listing).stdout
     proc = launch(lab, inventory(lab, [2]), "shrink", extra={"deepspeed_job_max_seq_length": 256}, check=False)
-    out = " ".join(proc.stdout.split())
+    out = text(proc)
     assert proc.returncode != 0
     assert "this launch cannot resume the run's checkpoints; it changes what defines the run:" in out, out
     assert "sequence length: 128 -> 256 (deepspeed_job_max_seq_length)" in out and "started on" not in out
