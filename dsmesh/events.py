@@ -15,6 +15,9 @@ JOB_STATUS_VAR = "job_status"
 JOB_STATUS_KEYS = ("state", "run_id", "step", "loss", "tokens_per_s", "exit_code", "failed_node", "log")
 # The module whose result is the plan, and the fact logs.yml sets per node with its log's new lines.
 PLAN_ACTION = "dsmesh.cluster.deepspeed_render"
+# The module whose result is the preflight's report (its task never fails: a FAIL line fails the next one).
+PREFLIGHT_ACTION = "dsmesh.cluster.dsmesh_preflight"
+PREFLIGHT_KEYS = ("report", "rows", "collective", "nccl", "seconds")
 RUN_LOG_VAR = "dsmesh_run_log"
 
 # Per-host counts in a Result, named as in ansible's PLAY RECAP, and where the stats event keeps them.
@@ -50,6 +53,8 @@ class Result:
         an inventory that does not parse, a --limit that matches nothing).
     job_status: the dict a task reported as `job_status` (status() fills it), else None.
     plan: deepspeed_render's result (plan(): `plan`, `summary`, `argv`), else None.
+    preflight: dsmesh_preflight's result (preflight(), launch(): `report` as printed, `rows`,
+        `collective`, `nccl`, `seconds`), else None.
     logs: {host: {path, address, first_line, text}}, what logs.yml read on each node (logs()).
     artifact_dir: where the runner's artifacts were kept (keep_artifacts), else None.
     """
@@ -62,6 +67,7 @@ class Result:
     errors: list = field(default_factory=list)
     job_status: dict | None = None
     plan: dict | None = None
+    preflight: dict | None = None
     logs: dict = field(default_factory=dict)
     artifact_dir: str | None = None
 
@@ -173,6 +179,16 @@ def reported_plan(data):
     return None
 
 
+def reported_preflight(data):
+    """dsmesh_preflight's result ({report, rows, collective, nccl, seconds}) from a task's event data, else None."""
+    res = data.get("res")
+    action = str(data.get("task_action") or "")
+    if (action.rsplit(".", 1)[-1] == PREFLIGHT_ACTION.rsplit(".", 1)[-1] and isinstance(res, dict)
+            and isinstance(res.get("report"), list)):
+        return {key: res.get(key) for key in PREFLIGHT_KEYS}
+    return None
+
+
 def reported_run_log(res):
     """The dsmesh_run_log fact a result sets (logs.yml), else None."""
     value = (res.get("ansible_facts") or {}).get(RUN_LOG_VAR) if isinstance(res, dict) else None
@@ -208,6 +224,9 @@ def build_result(events, *, action, playbook, status, rc, artifact_dir=None):
             plan = reported_plan(data)
             if plan is not None:
                 result.plan = plan
+            preflight = reported_preflight(data)
+            if preflight is not None:
+                result.preflight = preflight
             run_log = reported_run_log(res)
             if run_log is not None:
                 result.logs[data.get("host", "")] = run_log

@@ -3,7 +3,7 @@ random-initialised Qwen2 with a small learnable dataset (the lab demo and the te
 model's config shape without weights (GPU benchmarks, trained with `--random_init`).
 
     python -m train.tiny_model DIR                        # tiny Qwen2 + DIR/data/{train,eval}.jsonl
-    python -m train.tiny_model --preset qwen2.5-1.5b DIR  # Qwen2.5-1.5B shape, no weights
+    python -m train.tiny_model --preset qwen2.5-1.5b DIR  # Qwen2.5-1.5B shape, no weights, + the same data
     python -m train.tiny_model --from-config config.json DIR
 """
 
@@ -24,6 +24,29 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # Shapes of real models (from their published config.json), for random-init benchmarks.
 PRESETS = {
+    "qwen2.5-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 24,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-06,
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+        "torch_dtype": "bfloat16",
+    },
     "qwen2.5-1.5b": {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -208,17 +231,22 @@ def write_tiny(out_dir, seed=0, n_train=1200, n_eval=100, hidden_size=64, layers
     return out_dir
 
 
-def write_config_only(out_dir, config_dict, seed=0):
-    """config.json of a real model plus the locally trained tokenizer; no weights (`--random_init`)."""
+def write_config_only(out_dir, config_dict, seed=0, n_train=1200, n_eval=100):
+    """config.json of a real model plus the locally trained tokenizer; no weights (`--random_init`).
+    The tiny model's learnable dataset goes beside it (DIR/data), so that a real shape can be
+    fine-tuned on files as a job is (benchmarks with --synthetic_samples ignore it)."""
     records = make_records(400, seed)
     tokenizer = build_tokenizer(corpus_for(records))
     if config_dict.get("vocab_size", 0) < len(tokenizer):
         raise SystemExit(f"config vocab_size {config_dict.get('vocab_size')} < tokenizer size {len(tokenizer)}")
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "data"), exist_ok=True)
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config_dict, f, indent=2)
     write_generation_config(out_dir, tokenizer)
+    data = make_records(n_train + n_eval, seed)
+    write_jsonl(os.path.join(out_dir, "data", "train.jsonl"), data[:n_train])
+    write_jsonl(os.path.join(out_dir, "data", "eval.jsonl"), data[n_train:])
     return out_dir
 
 
@@ -242,8 +270,9 @@ def main(argv=None):
                 config_dict = json.load(f)
         else:
             config_dict = dict(PRESETS[args.preset])
-        write_config_only(args.out_dir, config_dict, args.seed)
-        print(f"wrote config + tokenizer (no weights) to {args.out_dir}; train it with --random_init")
+        write_config_only(args.out_dir, config_dict, args.seed, n_train=args.train_examples)
+        print(f"wrote config + tokenizer (no weights) to {args.out_dir}, data to {os.path.join(args.out_dir, 'data')}/"
+              "{train,eval}.jsonl; train it with --random_init")
     else:
         write_tiny(args.out_dir, seed=args.seed, n_train=args.train_examples,
                    hidden_size=args.hidden_size, layers=args.layers)

@@ -9,8 +9,10 @@ would expand ($, `, \\, ") or that end a line.
 """
 
 
+import ipaddress
 import re
 import socket
+import struct
 from collections import OrderedDict
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -55,13 +57,62 @@ def resolve(address):
     return ips or [address]
 
 
-def interface_for_address(ip_addr_text, address, resolver=resolve):
-    """The interface that holds `address` (an IP or a name resolved on this node), or None."""
+def parse_if_inet6(text):
+    """[(interface, address)] from /proc/net/if_inet6: the address as 32 hex digits, then the
+    interface's index, prefix length, scope and flags, and its name last."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 6 or not re.fullmatch(r"[0-9a-fA-F]{32}", parts[0]):
+            continue
+        out.append((parts[5], str(ipaddress.IPv6Address(int(parts[0], 16)))))
+    return out
+
+
+SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's (primary) IPv4 address
+
+
+def ipv4_addresses():
+    """[(interface, address)] of this node's interfaces that have an IPv4 address, asked of the kernel
+    (SIOCGIFADDR gives each interface's primary address; secondary ones are not listed)."""
+    import fcntl
+
+    out = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                answer = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # EADDRNOTAVAIL: no IPv4 address on it
+                continue
+            out.append((name, socket.inet_ntoa(answer[20:24])))
+    return out
+
+
+def local_addresses(if_inet6_path="/proc/net/if_inet6"):
+    """[(interface, address)] of this node, read from the kernel itself: for nodes without `ip`
+    (iproute2), like the H200 machine, whose image has no `ip`."""
+    pairs = ipv4_addresses()
+    try:
+        with open(if_inet6_path) as f:
+            pairs += parse_if_inet6(f.read())
+    except OSError:  # IPv6 disabled
+        pass
+    return pairs
+
+
+def interface_holding(pairs, address, resolver=resolve):
+    """The interface of [(interface, address)] that holds `address` (an IP or a name resolved on this
+    node), or None; lo never counts (a cluster address on lo reaches no other node)."""
     wanted = resolver(address)
-    for iface, ip in parse_ip_addr(ip_addr_text):
+    for iface, ip in pairs:
         if ip in wanted and iface != "lo":
             return iface
     return None
+
+
+def interface_for_address(ip_addr_text, address, resolver=resolve):
+    """The interface that holds `address` (an IP or a name resolved on this node), per `ip -o addr show`."""
+    return interface_holding(parse_ip_addr(ip_addr_text), address, resolver)
 
 
 def nccl_socket_ifname(interfaces):

@@ -12,7 +12,8 @@ description:
   - A node without C(nvidia-smi) is a CPU-only node - it reports C(ds_gpu_count=0) and the
     hostfile then uses the inventory's slots.
   - With I(cluster_address), also reports the network interface that holds that address on the
-    node (C(ip -o addr show)), for C(NCCL_SOCKET_IFNAME).
+    node (C(ip -o addr show), or the kernel's own tables where C(ip) is not installed), for
+    C(NCCL_SOCKET_IFNAME).
   - Changes nothing on the node; runs in check mode too.
 version_added: "1.0.0"
 author:
@@ -107,7 +108,7 @@ from ..module_utils.gpus import (
     parse_nvidia_smi,
     summarize,
 )
-from ..module_utils.rank_env import interface_for_address
+from ..module_utils.rank_env import interface_holding, local_addresses, parse_ip_addr
 
 
 def query_gpus(module, smi):
@@ -157,11 +158,16 @@ def main():
         facts["ds_cpu_count"] = os.cpu_count()
     facts["ds_cluster_interface"] = None
     if p["cluster_address"]:
+        pairs = None
         ip = module.get_bin_path("ip")
         if ip:
             rc, out, err = module.run_command([ip, "-o", "addr", "show"])
             if rc == 0:
-                facts["ds_cluster_interface"] = interface_for_address(out, p["cluster_address"])
+                pairs = parse_ip_addr(out)
+        if pairs is None:
+            # no iproute2 on the node (the H200 machine's image): the kernel's own tables
+            pairs = local_addresses()
+        facts["ds_cluster_interface"] = interface_holding(pairs, p["cluster_address"])
         if not facts["ds_cluster_interface"]:
             warnings.append("no interface on this node holds {}".format(p["cluster_address"]))
     for w in warnings:

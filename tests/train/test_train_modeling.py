@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +104,16 @@ def test_benchmark_shapes_without_weights(tmp_path):
         check_model_dir(str(tmp_path / "r1"))
     config = AutoConfig.from_pretrained(str(tmp_path / "r1"))
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (5120, 64, 152064)
+    # with the tiny model's dataset beside it, sized by --train-examples
+    main(["--preset", "qwen2.5-0.5b", "--train-examples", "300", str(tmp_path / "q05")])
+    assert len((tmp_path / "q05" / "data" / "train.jsonl").read_text().splitlines()) == 300
+    config = AutoConfig.from_pretrained(str(tmp_path / "q05"))
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size) == \
+        (896, 24, 14, 4864)
+    # the preset is the published config.json (the planner's tests keep a copy)
+    published = json.loads((Path(__file__).parents[1] / "unit" / "data" / "models" / "Qwen2.5-0.5B.json").read_text())
+    assert {k: v for k, v in published.items() if k not in ("transformers_version", "use_cache")} == \
+        PRESETS["qwen2.5-0.5b"]
     # a user's config.json works the same way
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(PRESETS["qwen2.5-1.5b"]))

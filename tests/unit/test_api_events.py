@@ -148,6 +148,18 @@ def test_job_status_from_the_status_playbook_has_every_key():
     assert status.job_status["exit_code"] is None and status.job_status["run_dir"] == "/var/lib/dsmesh/runs/lab"
 
 
+def test_preflight_report_from_the_preflight_task():
+    recorded = json.loads((Path(__file__).parent / "data" / "preflight_event.json").read_text())["event"]
+    found = events.build_result([recorded], action="preflight", playbook="playbooks/preflight.yml",
+                                status="successful", rc=0).preflight
+    assert set(found) == set(events.PREFLIGHT_KEYS)
+    assert found["report"][0].startswith("ok    ssh ") and found["report"][-1].startswith("ok    all-reduce ")
+    assert [r["check"] for r in found["rows"]][:3] == ["ssh", "pdsh", "versions"]
+    assert found["collective"]["backend"] == "gloo" and found["collective"]["world_size"] == 1
+    # other tasks' results carry no preflight
+    assert result("setup_first", "successful", 0).preflight is None
+
+
 def test_ansible_errors_before_any_task():
     missing = result("missing_playbook", rc=1)
     assert missing.errors == ["the playbook: playbooks/nope.yml could not be found"]

@@ -12,8 +12,11 @@ from ansible_collections.dsmesh.cluster.plugins.module_utils.rank_env import (
     EnvError,
     build_env,
     interface_for_address,
+    interface_holding,
+    local_addresses,
     nccl_socket_ifname,
     omp_threads,
+    parse_if_inet6,
     parse_ip_addr,
     render_env,
 )
@@ -39,6 +42,43 @@ def test_interface_that_holds_the_cluster_address():
     assert interface_for_address(IP_ADDR, "node33", resolver=lambda name: ["172.16.80.33"]) == "bond0"
     assert interface_for_address(IP_ADDR, "127.0.0.1") is None
     assert interface_for_address(IP_ADDR, "203.0.113.9") is None
+
+
+# /proc/net/if_inet6 of a machine of the workplace's VM layout (eth0 192.0.2.2 / fd00::2, the
+# addresses the H200 node's `hostname -I` printed; that node has no `ip`).
+IF_INET6 = """\
+fd000000000000000000000000000002 04 40 00 82     eth0
+fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+fe80000000000000d00cdbfffe5dbda9 a4 40 20 80  podman2
+00000000000000000000000000000001 01 80 10 80       lo
+"""
+
+
+def test_interface_without_iproute2_from_the_kernels_tables():
+    pairs = parse_if_inet6(IF_INET6)
+    assert pairs[0] == ("eth0", "fd00::2") and ("lo", "::1") in pairs
+    assert ("podman2", "fe80::d00c:dbff:fe5d:bda9") in pairs
+    assert interface_holding(pairs + [("eth0", "192.0.2.2")], "192.0.2.2") == "eth0"
+    assert interface_holding(pairs, "fd00::2") == "eth0"
+    assert interface_holding(pairs, "::1") is None
+
+
+def test_kernel_tables_agree_with_ip_on_this_machine():
+    """The fallback lists what `ip -o addr show` lists (each interface's primary IPv4 address)."""
+    proc = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip("no ip here to compare with")
+    from_kernel = set(local_addresses())
+    from_ip = set(parse_ip_addr(proc.stdout))
+    # containers of other labs come and go meanwhile: compare the interfaces both saw
+    both = {i for i, _ in from_ip} & {i for i, _ in from_kernel}
+    assert "lo" in both
+    from_ip = {p for p in from_ip if p[0] in both}
+    from_kernel = {p for p in from_kernel if p[0] in both}
+    assert from_kernel <= from_ip
+    assert {p for p in from_ip if ":" in p[1]} == {p for p in from_kernel if ":" in p[1]}
+    # every interface with an IPv4 address has one in the fallback
+    assert {i for i, a in from_ip if "." in a} == {i for i, a in from_kernel if "." in a}
 
 
 def test_nccl_interfaces_exact_names_for_every_node():
