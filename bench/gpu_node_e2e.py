@@ -35,12 +35,13 @@ REF, STOPPED = "e2e-ref", "e2e-stop"
 
 # What each mode trains. gpu: a Qwen2.5-0.5B shape (the planner's plan on the H200: ZeRO-0, compiled
 # layers, ~0.3 s a step predicted), random init; a checkpoint is ~7 GB (bf16 weights, fp32 masters, Adam
-# moments), so two saves a run and one kept; the 25 steps after the first leave the second run time to
-# be stopped before its end. lab: the lab's tiny Qwen2 on one CPU rank (the lab's settings, more steps:
-# a step takes ~50 ms there).
+# moments): one kept, saves at 20, 40 and 50 (the end). After the first, 30 steps and two saves (~30 s)
+# leave room for the stop (playbooks/stop.yml took 7-10 s from start to the ranks' end on the loaded
+# 2-core lab machine) before the run's end. lab: the lab's tiny Qwen2 on one CPU rank (the lab's
+# settings, more steps: a step takes ~50 ms there).
 PROFILES = {
     "gpu": {"model": "qwen2.5-0.5b", "preset": "qwen2.5-0.5b", "train_examples": 20000, "seq": 2048, "batch": 16,
-            "train_args": {"max_steps": 50, "save_steps": 25, "save_total_limit": 1, "logging_steps": 1,
+            "train_args": {"max_steps": 50, "save_steps": 20, "save_total_limit": 1, "logging_steps": 1,
                            "learning_rate": 3.0e-4, "warmup_steps": 5, "random_init": True},
             "env": {}, "min_free_gib": 30, "loss_rtol": 2e-2},
     "lab": {"model": "tiny-qwen2", "preset": None, "train_examples": 1200, "seq": 128, "batch": 8,
