@@ -3,7 +3,10 @@ policy, roles/*/vars/<OS>.yml, and what its own OpenSSH supports), authorized_ke
 work only from the cluster's addresses, the lines `sshd -T` must print for a drop-in, and the
 arguments of the key-login check (roles/sshd_lockdown/files/key-login-check.sh).
 """
+import os
 import shlex
+
+import yaml
 
 # Settings that hold algorithm names, and the list of the node's facts (ssh_keys' host-keys.sh,
 # from `ssh -Q`) that must know every one of them.
@@ -78,6 +81,52 @@ def openssh_crypto(os_settings, host, side="server", legacy_ssh_rsa=False):
         else:
             settings.append([name, str(value)])
     return {"policy": policy, "settings": settings, "missing": []}
+
+
+def release_name(facts):
+    """The vars file name of a node's release, from its gathered facts: Debian_12, Ubuntu_22, ...
+    (dev-sec's DISTRIBUTION_MAJOR); '_' without facts."""
+    facts = facts or {}
+    return f"{facts.get('distribution', '')}_{facts.get('distribution_major_version', '')}"
+
+
+def release_settings(paths, key):
+    """{release: settings} from a role's vars/<release>.yml files (vars/main.yml left out): each
+    file's mapping under `key`, by the file's name without .yml."""
+    settings = {}
+    for path in paths or []:
+        name = os.path.splitext(os.path.basename(str(path)))[0]
+        if name == "main":
+            continue
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        if key not in data:
+            raise ValueError(f"release_settings: {path} has no {key}")
+        settings[name] = data[key]
+    if "default" not in settings:
+        raise ValueError("release_settings: no vars/default.yml among the release files")
+    return settings
+
+
+def crypto_by_node(hostvars_list, settings_by_release, policy_var, default_policy, side, legacy_ssh_rsa=False):
+    """{node: openssh_crypto(...)} for every host (its hostvars): the release's settings as its
+    policy variable (`policy_var`, else `default_policy`) chooses them: ``auto`` the node's own
+    release (default.yml for a release without a file), a vars file's name that release, ``none``
+    no hardened settings and nothing missing (the package's settings stay, on purpose)."""
+    result = {}
+    for hv in hostvars_list:
+        name = str(hv.get("inventory_hostname"))
+        choice = str(hv.get(policy_var) or default_policy)
+        if choice == "none":
+            result[name] = {"policy": None, "settings": [], "missing": []}
+            continue
+        release = release_name(hv.get("ansible_facts")) if choice == "auto" else choice
+        if choice != "auto" and release not in settings_by_release:
+            raise ValueError(f"crypto_by_node: {name}: {policy_var} is {choice!r}; it takes auto, none or one of "
+                             f"{', '.join(sorted(k for k in settings_by_release if k != 'default'))}")
+        os_settings = settings_by_release.get(release, settings_by_release["default"])
+        result[name] = openssh_crypto(os_settings, hv.get("ssh_keys_host") or {}, side, legacy_ssh_rsa)
+    return result
 
 
 def sshd_t_lines(settings):
@@ -182,7 +231,8 @@ def mesh_key_logins(targets, nodes, addresses, crypto_by_node):
 
 class FilterModule:
     def filters(self):
-        return {"openssh_crypto": openssh_crypto, "sshd_t_lines": sshd_t_lines,
+        return {"openssh_crypto": openssh_crypto, "sshd_t_lines": sshd_t_lines, "release_name": release_name,
+                "release_settings": release_settings, "crypto_by_node": crypto_by_node,
                 "from_restricted_keys": from_restricted_keys, "as_list": as_list, "login_offers": login_offers,
                 "key_login_args": key_login_args, "controller_key_logins": controller_key_logins,
                 "mesh_key_logins": mesh_key_logins}

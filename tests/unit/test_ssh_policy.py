@@ -12,11 +12,14 @@ from ssh_audit.hardening_guides import Hardening_Guides
 
 from ansible_collections.dsmesh.cluster.plugins.filter.openssh import (
     controller_key_logins,
+    crypto_by_node,
     from_restricted_keys,
     key_login_args,
     login_offers,
     mesh_key_logins,
     openssh_crypto,
+    release_name,
+    release_settings,
     sshd_t_lines,
 )
 
@@ -201,3 +204,25 @@ def test_key_login_arguments_for_the_controller_and_the_mesh():
     assert key_login_args(mesh_key_logins(["node2"], ["n1", "n2"], ["node1", "node2"], crypto)) == ["--", "node2", "node2"]
     with pytest.raises(ValueError, match="none of the cluster's addresses"):
         mesh_key_logins(["node9"], ["n1"], ["node1"], crypto)
+
+
+def test_each_node_gets_its_releases_settings_or_the_one_it_asks_for():
+    paths = sorted(str(p) for p in (ROOT / "roles/sshd_lockdown/vars").glob("*.yml"))
+    by_release = release_settings(paths, "sshd_lockdown_os")
+    assert set(by_release) == set(RELEASES) | {"default"}
+    debian = {"distribution": "Debian", "distribution_major_version": "12"}
+    assert release_name(debian) == "Debian_12" and release_name(None) == "_"
+    hosts = [{"inventory_hostname": "n1", "ansible_facts": debian, "ssh_keys_host": debian12_node()},
+             {"inventory_hostname": "n2", "ansible_facts": {"distribution": "Rocky", "distribution_major_version": "9"},
+              "ssh_keys_host": debian12_node()},
+             {"inventory_hostname": "n3", "ansible_facts": debian, "ssh_keys_host": debian12_node(),
+              "sshd_lockdown_crypto_policy": "Debian_13"},
+             {"inventory_hostname": "n4", "ansible_facts": debian, "sshd_lockdown_crypto_policy": "none"}]
+    crypto = crypto_by_node(hosts, by_release, "sshd_lockdown_crypto_policy", "auto", "server")
+    assert crypto["n1"]["policy"] == "Hardened Debian 12 (version 3)" and crypto["n1"]["settings"]
+    assert crypto["n2"]["missing"] == ["no hardened policy for this release (no vars file)"]
+    assert crypto["n3"]["missing"][0].startswith("KexAlgorithms mlkem768x25519-sha256")
+    assert crypto["n4"] == {"policy": None, "settings": [], "missing": []}
+    with pytest.raises(ValueError, match="n1: sshd_lockdown_crypto_policy is 'Debian_11'; it takes auto, none or one of"):
+        crypto_by_node([{**hosts[0], "sshd_lockdown_crypto_policy": "Debian_11"}], by_release,
+                       "sshd_lockdown_crypto_policy", "auto", "server")
