@@ -54,11 +54,12 @@ def wait(predicate, timeout, what):
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def first_step_after(lab, master, name, step):
+def first_step_after(lab, master, name, step, since):
+    """The time of the first step after `step` logged since `since` (the stopped launch logged some)."""
     def found():
         out = lab.exec(master, f"cat {RUNS}/{name}/output/metrics.jsonl 2>/dev/null || true").stdout
         rows = [json.loads(line) for line in out.splitlines() if line.strip()]
-        return next((r["time"] for r in rows if r["step"] > step), None)
+        return next((r["time"] for r in rows if r["step"] > step and r["time"] > since), None)
     return wait(found, 300, f"{name}: a step after {step}")
 
 
@@ -82,7 +83,7 @@ def lab_part():
             started = time.time()
             lab_launch(lab, inv, name, **variables)
             played = time.time()
-            first = first_step_after(lab, master, name, 10)
+            first = first_step_after(lab, master, name, 10, started)
             resume = json.loads(lab.exec(master, f"cat {RUNS}/{name}/launches.json").stdout)["launches"][-1]["resume"]
             rows.append({"model": "tiny Qwen2 (lab)", "case": label, "to_first_step_s": round(first - started, 1),
                          "playbook_s": round(played - started, 1), "resume_step_s": resume.get("seconds"),
@@ -101,8 +102,12 @@ def free_port():
 
 def train(model, out, ranks, micro, steps, universal=False, after=0):
     """The deepspeed launcher on this machine; returns the unix time of its first step after `after`."""
+    # few parameters gathered at a time: two ranks of a 0.5B model must fit a 24 GiB machine
+    zero = {"stage": 3, "stage3_max_live_parameters": 10 ** 7, "stage3_prefetch_bucket_size": 10 ** 7,
+            "stage3_param_persistence_threshold": 10 ** 4, "reduce_bucket_size": 10 ** 7, "sub_group_size": 10 ** 8,
+            "overlap_comm": False}
     config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "train_batch_size": 2,
-              "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}, "gradient_clipping": 1.0,
+              "zero_optimization": zero, "bf16": {"enabled": False}, "gradient_clipping": 1.0,
               "checkpoint": {"use_node_local_storage": True, **({"load_universal": True} if universal else {})},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8,
                                                         "weight_decay": 0.0, "torch_adam": True}}}
@@ -160,14 +165,22 @@ def real_part():
     return rows
 
 
+def table(rows):
+    def cell(value):
+        return f"{value:.1f}s" if isinstance(value, (int, float)) else "-"
+    print(f"\n{'model':<26} {'relaunch':<44} {'to 1st step':>11} {'resume step':>11} {'convert':>8}", flush=True)
+    for r in rows:
+        print(f"{r['model']:<26} {r['case']:<44} {cell(r['to_first_step_s']):>11} {cell(r['resume_step_s']):>11} "
+              f"{cell(r['convert_s']):>8}", flush=True)
+
+
 def main():
     parts = os.environ.get("BENCH_PARTS", "lab real").split()
-    rows = (lab_part() if "lab" in parts else []) + (real_part() if "real" in parts else [])
-    print(f"\n{'model':<26} {'relaunch':<44} {'to 1st step':>11} {'resume step':>11} {'convert':>8}")
-    for r in rows:
-        cell = lambda v: f"{v:.1f}s" if isinstance(v, (int, float)) else "-"  # noqa: E731
-        print(f"{r['model']:<26} {r['case']:<44} {cell(r['to_first_step_s']):>11} {cell(r['resume_step_s']):>11} "
-              f"{cell(r['convert_s']):>8}")
+    rows = []
+    for name, part in (("lab", lab_part), ("real", real_part)):
+        if name in parts:
+            rows += part()
+            table(rows)  # each part's figures as soon as they are there
     print(json.dumps({"bench": "resume", "rows": rows}))
     return 0
 

@@ -140,7 +140,7 @@ def pull(output_dir, source, step, ranks=(), base=False, universal=False, replic
             "ranks": sorted(set(mine.get("ranks", [])) | set(ranks)), "from": source, "step": step,
             "time": time.time()})
     elif ranks or base:
-        mine = rundir.read_json(os.path.join(path, rundir.CHECKPOINT_MARKER)) or dict(theirs)
+        mine = rundir.read_json(os.path.join(path, rundir.CHECKPOINT_MARKER)) or dict(theirs or {})
         mine.update(ranks=sorted(set(mine.get("ranks", []) if not base else []) | set(ranks)), copied_from=source,
                     time=time.time())
         rundir.write_json_atomic(os.path.join(path, rundir.CHECKPOINT_MARKER), mine)
