@@ -126,6 +126,11 @@ nccl:
     C(between_nodes), C(within_node), C(gpudirect_rdma); empty on CPUs.
   returned: always
   type: dict
+passed:
+  description: No check failed (warnings allowed). A playbook that registers the result with
+    C(failed_when: false), to show the report first, stops on this.
+  returned: always
+  type: bool
 seconds:
   description: Wall time of the whole preflight.
   returned: always
@@ -204,12 +209,13 @@ def main():
         facts_of_cluster, _ = cluster_facts([n for n in p["nodes"] if n["name"] in {e["name"] for e in nodes}])
         env = rank_environment(spec, facts_of_cluster, max(e["slots"] for e in nodes))
     except (TypeError, ValueError, HostfileError, EnvError) as exc:
-        module.fail_json(msg=f"preflight: {exc}")
+        module.fail_json(msg=f"preflight: {exc}", passed=False)
     master = p["master"]
     by_address = {n["address"]: n for n in nodes}
     for tool in ("ssh", "pdsh"):
         if module.get_bin_path(tool) is None:
-            module.fail_json(msg=f"{tool} is not installed on the master ({master}): run site.yml's ssh and pdsh parts first")
+            module.fail_json(msg=f"{tool} is not installed on the master ({master}): run site.yml's ssh and pdsh parts first",
+                             passed=False)
     paths = data_paths(spec)
     gpus = any(n.get("gpu_count") or n.get("gpu_memory_gib") for n in p["nodes"])
     if gpus:
@@ -264,7 +270,7 @@ def main():
                 rows.append(row)
     report = format_report(rows)
     result = dict(changed=False, report=report, rows=rows, collective=collective or {}, nccl=nccl or {},
-                  seconds=round(time.time() - start, 1))
+                  passed=not failed(rows), seconds=round(time.time() - start, 1))
     if failed(rows):
         tail = "\n".join(launch_out.splitlines()[-30:]) if launch_out and not collective else ""
         module.fail_json(msg="preflight failed:\n" + "\n".join(report) +
