@@ -71,6 +71,16 @@ def package_flags(args):
     return flags
 
 
+def launcher_argv(deepspeed, hostfile, master_addr, master_port, launcher_args=()):
+    """`deepspeed --hostfile` up to the program: the job's and the preflight's all-reduce's alike.
+    --force_multi gives one path for any node count: the runner reads .deepspeed_env only in its
+    multi-node mode (pdsh, also to the one node)."""
+    launcher_args = list(launcher_args)
+    return [deepspeed, "--hostfile", hostfile, "--launcher", "pdsh", "--master_addr", str(master_addr),
+            "--master_port", str(master_port),
+            *([] if "--force_multi" in launcher_args else ["--force_multi"]), *launcher_args]
+
+
 def launch_command(*, python, run_dir, output_dir, master_addr, master_port, launcher_args, engine, model_dir,
                    datasets, eval_datasets, max_seq_length, lora, trainer_args, extra_args):
     """The launcher's argv. DeepSpeed's pdsh runner starts every rank with the launcher's own
@@ -78,14 +88,9 @@ def launch_command(*, python, run_dir, output_dir, master_addr, master_port, lau
 
     lora: None for a full fine-tune, else {"r", "alpha", "dropout", "target_modules"}.
     trainer_args: the plan's (planner.trainer_args); extra_args: the user's pass-through ones."""
-    argv = [os.path.join(os.path.dirname(python), "deepspeed"),
-            "--hostfile", os.path.join(run_dir, "hostfile"),
-            "--launcher", "pdsh",
-            "--master_addr", str(master_addr),
-            "--master_port", str(master_port),
-            *launcher_args,
-            "--module", "train",
-            rank_marker(output_dir)]
+    argv = launcher_argv(os.path.join(os.path.dirname(python), "deepspeed"), os.path.join(run_dir, "hostfile"),
+                         master_addr, master_port, launcher_args)
+    argv += ["--module", "train", rank_marker(output_dir)]
     if engine == "deepspeed":
         argv.append(f"--deepspeed={os.path.join(run_dir, 'ds_config.json')}")
     package = {"model_name_or_path": model_dir, "max_seq_length": int(max_seq_length)}

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .hostfile import render_hostfile
+from .launch import launcher_argv
 from .pdsh import pdsh_argv
 from .rank_env import render_env
 
@@ -55,9 +56,8 @@ class Collective:
         env_file = os.path.join(self.tmp.name, "deepspeed_env")
         with open(env_file, "w") as f:
             f.write(render_env(env))
-        self.cmd = [launcher, "--hostfile", hostfile, "--launcher", "pdsh", "--master_addr", master_addr,
-                    "--master_port", str(master_port), *extra_launcher_args,
-                    "--module", "dsmesh.allreduce", "--size_mb", str(size_mb)]
+        self.cmd = launcher_argv(launcher, hostfile, master_addr, master_port, extra_launcher_args) + [
+            "--module", "dsmesh.allreduce", "--size_mb", str(size_mb)]
         self.timeout_s = timeout_s
         self.started = time.time()
         self.proc = subprocess.Popen(self.cmd, cwd=code_dir, env=dict(os.environ, DS_ENV_FILE=env_file, **env),

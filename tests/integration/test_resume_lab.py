@@ -122,10 +122,8 @@ def reference(lab):
 def test_one_node_stopped_mid_save_resumes_on_two_nodes(lab, reference):
     one, two = inventory(lab, [1]), inventory(lab, [1, 2])
     master = node(lab, 1)
-    # One node: DeepSpeed's runner reads .deepspeed_env (where the fault hook is) only in multi-node
-    # mode, which --force_multi asks for.
-    launch(lab, one, "grow", fault="pause_before_save_barrier:20:120",
-           extra={"deepspeed_job_launcher_args": ["--force_multi"]})
+    # one node: the fault hook reaches the ranks through .deepspeed_env (the launch's --force_multi)
+    launch(lab, one, "grow", fault="pause_before_save_barrier:20:120")
     wait_for(lambda: '"saving"' in read(lab, master, f"{RUNS}/grow/output/phase.json")
              and '"step": 20' in read(lab, master, f"{RUNS}/grow/output/phase.json"), 180, "the save of checkpoint-20")
     assert "stopped run grow-" in play(lab, one, "playbooks/stop.yml", "grow")

@@ -23,10 +23,11 @@ def test_deepspeed_engine_command():
     argv = launch_command(**BASE, engine="deepspeed", lora=None,
                           trainer_args={"per_device_train_batch_size": 4, "bf16": True, "learning_rate": 1e-5},
                           extra_args={"num_train_epochs": 2})
-    assert argv[:12] == ["/opt/venv/bin/deepspeed", "--hostfile", "/runs/r1/hostfile", "--launcher", "pdsh",
-                         "--master_addr", "node1", "--master_port", "29500", "--num_accelerators", "1", "--module"]
-    assert argv[12:15] == ["train", rundir.rank_marker("/runs/r1/output"), "--deepspeed=/runs/r1/ds_config.json"]
-    assert argv[15:] == ["--model_name_or_path=/models/m", "--max_seq_length=4096", "--dataset=/data/a.jsonl",
+    assert argv[:13] == ["/opt/venv/bin/deepspeed", "--hostfile", "/runs/r1/hostfile", "--launcher", "pdsh",
+                         "--master_addr", "node1", "--master_port", "29500", "--force_multi", "--num_accelerators", "1",
+                         "--module"]
+    assert argv[13:16] == ["train", rundir.rank_marker("/runs/r1/output"), "--deepspeed=/runs/r1/ds_config.json"]
+    assert argv[16:] == ["--model_name_or_path=/models/m", "--max_seq_length=4096", "--dataset=/data/a.jsonl",
                          "--dataset=/data/b.parquet", "--eval_dataset=/data/e.jsonl", "--bf16=true",
                          "--learning_rate=1e-05", "--per_device_train_batch_size=4", "--num_train_epochs=2"]
 

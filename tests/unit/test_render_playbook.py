@@ -69,7 +69,7 @@ def test_plan_config_and_command_agree(rendered, runs_dir):
     launch = (render_dir / "launch.sh").read_text()
     run_dir = runs_dir / "r1-sft"
     assert (f"/opt/conda/envs/train/bin/deepspeed --hostfile {run_dir}/hostfile --launcher pdsh "
-            "--master_addr 172.16.80.33 --master_port 29500 --module train" in launch)
+            "--master_addr 172.16.80.33 --master_port 29500 --force_multi --module train" in launch)
     argv = shlex.split(launch.splitlines()[-1])
     assert f"--per_device_train_batch_size={cfg['train_micro_batch_size_per_gpu']}" in argv
     assert f"--gradient_accumulation_steps={cfg['gradient_accumulation_steps']}" in argv
