@@ -4,8 +4,8 @@
 # - Host keys as a hardened sshd offers them: an ed25519 key, and an RSA key of BITS bits. An RSA
 #   key of another size is replaced by a new one, generated in the background at low priority
 #   (about a second of CPU for 4096 bits) while the run goes on: the job moves the new key into
-#   place itself, and sshd-check.sh (sshd_lockdown, before sshd reloads) waits for it. --wait
-#   generates it here instead. The ecdsa key is left alone: the hardened sshd does not offer it.
+#   place itself, and sshd_lockdown's finish step (site.yml's last ssh play) waits for it with
+#   sshd-check.sh --wait-for and reloads sshd. --wait generates it here instead. The ecdsa key is left alone: the hardened sshd does not offer it.
 # - With --user NAME: NAME's key pair ~NAME/.ssh/id_TYPE (ssh-keygen; an existing pair is kept).
 #
 # The JSON: changed (a key was, or with --check would be, generated), generated (which), rsa_job

@@ -2,7 +2,7 @@
 # Runs on a node, as root, after the sshd drop-in is written and before sshd reloads it.
 # With --wait-for PIDFILE, first waits for the background job ssh_keys' host-keys.sh started
 # to make a new RSA host key (PIDFILE holds its PID while it runs, PIDFILE.error its error if it
-# failed), so that sshd reloads with the new key in place.
+# failed): sshd_lockdown's finish step, before sshd reloads to serve the new key.
 # With --moduli FILE --moduli-min-bits BITS, then removes the Diffie-Hellman group-exchange
 # moduli smaller than BITS from FILE (ssh-audit's hardening guides keep those of 3072 bits and
 # more); prints "trimmed FILE" when it changed (or, with --check, would change) it.
