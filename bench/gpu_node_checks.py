@@ -135,7 +135,8 @@ def compare_losses(reference, first_attempt, resumed, after_step, rtol, noise_fa
     same batch) must equal the first attempt's within rtol; the steps the two share after it may differ by
     no more than noise_factor times what the uninterrupted reference and the first attempt differ by over
     the same steps (with rtol as the floor). Without such steps, the reference stands in for the first
-    attempt and the noise is taken over the steps up to the checkpoint."""
+    attempt where the two runs agreed within rtol up to the checkpoint (a reproducible machine, CPU ranks);
+    elsewhere nothing can be compared exactly and the verdict is None."""
     shared = sorted(s for s in resumed if s > after_step and s in first_attempt)
     if shared:
         continued, noise_steps, basis = first_attempt, [s for s in shared if s in reference], "the stopped run"
@@ -145,16 +146,18 @@ def compare_losses(reference, first_attempt, resumed, after_step, rtol, noise_fa
         noise_steps = sorted(s for s in first_attempt if s <= after_step and s in reference)
     noise = _worst(reference, first_attempt, noise_steps) or 0.0
     tolerance = max(rtol, noise_factor * noise)
-    first_tolerance = rtol if continued is first_attempt else tolerance
+    first_tolerance = rtol
     first = _rel(continued[shared[0]]["loss"], resumed[shared[0]]["loss"]) if shared else None
     worst = _worst(continued, resumed, shared)
+    comparable = continued is first_attempt or noise <= rtol
     rows = [{"step": s, "reference": reference.get(s, {}).get("loss"), "first_attempt": first_attempt.get(s, {}).get("loss"),
              "resumed": resumed[s]["loss"]} for s in sorted(s for s in resumed if s > after_step)]
     return {"after_step": after_step, "basis": basis, "steps_compared": len(shared), "first_step_rel": first,
             "first_step_tolerance": first_tolerance, "max_rel_diff": worst,
             "noise_between_uninterrupted_runs": noise, "rtol": rtol, "tolerance": tolerance,
             "against_uninterrupted_max_rel": _worst(reference, resumed, [r["step"] for r in rows if r["reference"]]),
-            "ok": bool(shared) and first <= first_tolerance and worst <= tolerance, "rows": rows}
+            "ok": (bool(shared) and first <= first_tolerance and worst <= tolerance) if comparable else None,
+            "rows": rows}
 
 
 def measured_peak(rows):

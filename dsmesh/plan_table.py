@@ -63,7 +63,8 @@ def speed_lines(plan, argv, tokens=None, summary=()):
         return [f"Speed: no prediction ({said[0][len('speed:'):].strip()})" if said else "Speed: no prediction"]
     peak = f" of {plan['peak_tflops_per_gpu']:g} TFLOP/s per GPU" if plan.get("peak_tflops_per_gpu") else ""
     mfu = f" (MFU {percent(plan['predicted_mfu'])}{peak})" if plan.get("predicted_mfu") is not None else ""
-    step = f", {duration(plan['predicted_step_seconds'])} per step" if plan.get("predicted_step_seconds") else ""
+    seconds = plan.get("predicted_step_seconds")
+    step = f", {seconds:.2g}s per step" if seconds and seconds < 10 else f", {duration(seconds)} per step" if seconds else ""
     lines = [f"Speed: predicted {count(predicted)} tokens/s over {sum(plan.get('slots') or [])} GPU(s){mfu}{step}"]
     total, how = job_tokens(plan, argv, tokens)
     if total:

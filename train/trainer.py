@@ -266,10 +266,12 @@ class ProgressPrinter(TrainerCallback):
         self.bar = None
         self.started = None
         self.start_step = 0
+        self.first_logged = None  # (time, step) of this attempt's first log
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
         self.start_step = state.global_step
+        self.first_logged = None
         if state.is_world_process_zero:
             self.bar = progress_bar(state.max_steps, state.global_step)
 
@@ -286,8 +288,13 @@ class ProgressPrinter(TrainerCallback):
             prev = w.history[-1] if w.history else {}
             tokens = prev.get("tokens", w.tokens_before) + logs["interval_tokens"]
             elapsed = prev.get("elapsed_s", w.elapsed_before) + logs["interval_s"]
-            done = state.global_step - self.start_step
-            eta = (now - self.started) / done * (state.max_steps - state.global_step) if done else None
+            # from the first logged step on: the first step's compilation and loading would inflate it
+            if self.first_logged is None:
+                self.first_logged = (now, state.global_step)
+                since, done = self.started, state.global_step - self.start_step
+            else:
+                since, done = self.first_logged[0], state.global_step - self.first_logged[1]
+            eta = (now - since) / done * (state.max_steps - state.global_step) if done else None
             entry = {
                 "step": state.global_step,
                 "max_steps": state.max_steps,

@@ -171,9 +171,11 @@ def collective_row(result, expected_hosts, expected_world):
     missing = sorted(set(expected_hosts) - set(result.get("hosts", [])))
     if missing and len(result.get("hosts", [])) < len(expected_hosts):
         problems.append(f"no rank ran on {', '.join(missing)}")
+    # one rank sends nothing: its bus bandwidth is 0 by definition, not a measurement of the fabric
+    busbw = (f"bus bandwidth {result['busbw_gbps']:.2f} GB/s" if result.get("world_size", 0) > 1
+             else "no bus bandwidth with one rank")
     detail = (f"{result['backend']} over {result['world_size']} rank(s) on {len(result.get('hosts', []))} node(s): "
-              f"{result['size_mb']:g} MB in {result['seconds_per_iter'] * 1000:.1f} ms, bus bandwidth "
-              f"{result['busbw_gbps']:.2f} GB/s")
+              f"{result['size_mb']:g} MB in {result['seconds_per_iter'] * 1000:.1f} ms, {busbw}")
     return _row("all-reduce", "cluster", FAIL if problems else OK, detail + (f" ({'; '.join(problems)})" if problems else ""))
 
 

@@ -104,3 +104,28 @@ def test_marker_is_written_atomically(tmp_path):
     path = make_ckpt(tmp_path, 7)
     assert json.loads((path / checkpoints.MARKER).read_text())["step"] == 7
     assert [p.name for p in path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_eta_counts_from_the_first_logged_step(tmp_path, monkeypatch):
+    """The H200's first step took 94 s of compiling: an ETA from the start said 9m51s for a run that ended
+    in 25 s. From the second log on it is the steady rate's."""
+    from types import SimpleNamespace
+
+    from train import trainer
+    from train.metrics import MetricsWriter
+
+    clock = iter([0.0, 94.0, 96.0])
+    monkeypatch.setattr(trainer.time, "time", lambda: next(clock))
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    printer = trainer.ProgressPrinter(writer)
+    state = SimpleNamespace(global_step=0, max_steps=100, is_world_process_zero=False)
+    printer.on_train_begin(None, state, None)
+    state.is_world_process_zero = True
+    logs = {"loss": 3.0, "tokens_per_s": 1.0, "interval_tokens": 10, "interval_s": 1.0, "mfu": None, "memory_gib": 1.0}
+    for step in (10, 20):
+        state.global_step = step
+        printer.on_log(None, state, None, logs=dict(logs))
+    writer.file.flush()
+    first, second = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert first["eta_s"] == pytest.approx(94.0 / 10 * 90)  # nothing steady to go by yet
+    assert second["eta_s"] == pytest.approx(2.0 / 10 * 80)

@@ -320,6 +320,8 @@ def test_the_plan_as_tables():
     assert "GPU: 8 rank(s) x 90.72 reserved  725.76" in text and "host: peak                       109.03" in text
     assert "Speed: predicted 4.51k tokens/s over 16 GPU(s) (MFU 39.7% of 148 TFLOP/s per GPU), 58s per step" in text
     assert "Time to finish: ~2d13h per billion tokens; the job counts epochs" in text
+    fast = {**report, "plan": {**report["plan"], "predicted_step_seconds": 0.2514}}  # the 0.5B plan on the H200
+    assert any(line.endswith("), 0.25s per step") for line in plan_lines(fast))
     assert "Time to finish: ~5d03h for 2B tokens (as given)" in plan_lines(report, tokens=2e9)
     with_steps = {**report, "argv": [*report["argv"], "--max_steps=1000"]}
     assert ("Time to finish: ~16h07m for 262M tokens (max_steps 1000 x global batch 64 x seq 4096)"

@@ -9,7 +9,14 @@ import sys
 
 from ansible_collections.dsmesh.cluster.plugins.module_utils import gpus
 from ansible_collections.dsmesh.cluster.plugins.module_utils.nccl import describe, transport
-from ansible_collections.dsmesh.cluster.plugins.module_utils.preflight import FAIL, OK, WARN, build_report, network_row
+from ansible_collections.dsmesh.cluster.plugins.module_utils.preflight import (
+    FAIL,
+    OK,
+    WARN,
+    build_report,
+    collective_row,
+    network_row,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -116,3 +123,21 @@ def test_conda_and_shared_storage_checks(tmp_path):
     facts["markers"] = {str(marker): None}
     rows = _report(facts, shared={"path": str(marker), "token": "token-1"})
     assert rows["shared storage"]["status"] == FAIL and "not shared" in rows["shared storage"]["detail"]
+
+
+# the preflight's all-reduce on the H200 node (bench/gpu_node_e2e.sh, preflight.json), and on two 8-GPU nodes
+H200_COLLECTIVE = {"backend": "nccl", "world_size": 1, "hosts": ["vm"], "rank_hosts": ["vm"], "size_mb": 64.0,
+                   "seconds_per_iter": 8e-05, "busbw_gbps": 0.0, "correct": True}
+
+
+def test_one_rank_all_reduce_reports_no_bus_bandwidth():
+    row = collective_row(H200_COLLECTIVE, ["vm"], 1)
+    assert row["status"] == OK
+    assert row["detail"] == "nccl over 1 rank(s) on 1 node(s): 64 MB in 0.1 ms, no bus bandwidth with one rank"
+
+
+def test_sixteen_rank_all_reduce_reports_its_bus_bandwidth_and_a_missing_node():
+    result = dict(H200_COLLECTIVE, world_size=16, hosts=["node1", "node2"], seconds_per_iter=0.0031, busbw_gbps=40.6)
+    assert collective_row(result, ["node1", "node2"], 16)["detail"].endswith("in 3.1 ms, bus bandwidth 40.60 GB/s")
+    row = collective_row(dict(result, world_size=8, hosts=["node1"]), ["node1", "node2"], 16)
+    assert row["status"] == FAIL and "world size 8, expected 16; no rank ran on node2" in row["detail"]
