@@ -257,10 +257,9 @@ def stages_of_the_job(args, profile, run, stages, report):
     for name in ("stopped mid-way after a checkpoint", "no rank left", "GPU memory free again"):
         say(f"{name}: {json.dumps(checks[name])}")
 
-    # the relaunch trims metrics.jsonl to the checkpoint: keep the steps the first attempt ran after it
+    # the relaunch trims metrics.jsonl to the checkpoint: keep the steps the first attempt ran after it (in
+    # summary.json's loss rows; a device call brings back 8 files)
     first_attempt = node.metrics(STOPPED)
-    (out / f"metrics_{STOPPED}-first-attempt.jsonl").write_text("".join(json.dumps(first_attempt[s]) + "\n"
-                                                                     for s in sorted(first_attempt)))
     stages.run(f"playbooks/launch.yml --skip-tags preflight ({STOPPED} again)", run.call, "launch", "relaunch",
                skip_tags="preflight", deepspeed_job_run_name=STOPPED)
     resumed = stages.run(f"{STOPPED}: resumed, followed to its end", run.follow, STOPPED, lines) or {}
