@@ -1,7 +1,9 @@
 """The Trainer subclass and callbacks: token counting, crash-safe checkpoint marking, progress."""
 
+import collections
 import os
 import signal
+import statistics
 import time
 
 from transformers import Trainer, TrainerCallback
@@ -264,14 +266,12 @@ class ProgressPrinter(TrainerCallback):
     def __init__(self, writer: MetricsWriter):
         self.writer = writer
         self.bar = None
-        self.started = None
-        self.start_step = 0
-        self.first_logged = None  # (time, step) of this attempt's first log
+        self.last_logged_step = 0
+        self.step_seconds = collections.deque(maxlen=20)  # seconds per step of the recent log intervals
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.time()
-        self.start_step = state.global_step
-        self.first_logged = None
+        self.last_logged_step = state.global_step
+        self.step_seconds.clear()
         if state.is_world_process_zero:
             self.bar = progress_bar(state.max_steps, state.global_step)
 
@@ -288,13 +288,13 @@ class ProgressPrinter(TrainerCallback):
             prev = w.history[-1] if w.history else {}
             tokens = prev.get("tokens", w.tokens_before) + logs["interval_tokens"]
             elapsed = prev.get("elapsed_s", w.elapsed_before) + logs["interval_s"]
-            # from the first logged step on: the first step's compilation and loading would inflate it
-            if self.first_logged is None:
-                self.first_logged = (now, state.global_step)
-                since, done = self.started, state.global_step - self.start_step
-            else:
-                since, done = self.first_logged[0], state.global_step - self.first_logged[1]
-            eta = (now - since) / done * (state.max_steps - state.global_step) if done else None
+            # the median step time of the recent intervals: a compile (the first step's, DeepCompile's
+            # second at step 6) is one slow interval and would inflate a mean for the rest of the run
+            steps = state.global_step - self.last_logged_step
+            if steps > 0:
+                self.step_seconds.append(logs["interval_s"] / steps)
+            self.last_logged_step = state.global_step
+            eta = statistics.median(self.step_seconds) * (state.max_steps - state.global_step) if self.step_seconds else None
             entry = {
                 "step": state.global_step,
                 "max_steps": state.max_steps,
