@@ -44,6 +44,7 @@ is printed last; every run's JSON goes to OUT/gpu_throughput.jsonl and OUT/summa
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -181,6 +182,25 @@ def ours_cmd(model_dir, wl, steps, seed, out_dir, plan, ds_cfg, argv, work, vari
     return cmd
 
 
+def profiled_steps(extra):
+    """The steps `--profile_steps A-B` in the extra arguments puts under torch.profiler (slowed by it)."""
+    words = shlex.split(extra or "")
+    for i, word in enumerate(words):
+        spec = word.split("=", 1)[1] if word.startswith("--profile_steps=") else (
+            words[i + 1] if word == "--profile_steps" and i + 1 < len(words) else None)
+        if spec:
+            first, _, last = spec.partition("-")
+            return set(range(int(first), int(last or first) + 1))
+    return set()
+
+
+def steady_tokens_per_s(hist, warmup, skip=()):
+    """Tokens over seconds of the logged intervals after step `warmup`, those of the steps in `skip` left out."""
+    pairs = [(a, b) for a, b in zip(hist, hist[1:]) if b["step"] > warmup and b["step"] not in skip]
+    seconds = sum(b["elapsed_s"] - a["elapsed_s"] for a, b in pairs)
+    return sum(b["tokens"] - a["tokens"] for a, b in pairs) / seconds if seconds > 0 else None
+
+
 def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path, budget, variant):
     """Two starts with the variant's own compile caches: cold, then cached (a resume from the first
     start's checkpoint, or a fresh 2-step run)."""
@@ -200,9 +220,7 @@ def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path
     if rc != 0:
         r["error"] = tail(log_path)
         return r
-    by_step = {h["step"]: h for h in hist}
-    first, last = by_step[warmup], hist[-1]
-    r["tokens_per_s"] = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
+    r["tokens_per_s"] = steady_tokens_per_s(hist, warmup, profiled_steps(a.ours_extra))
     r["peak_allocated_gib"] = max(h.get("memory_gib") or 0 for h in hist[1:] or hist)
     r["peak_reserved_gib"] = max(h.get("memory_reserved_gib") or 0 for h in hist[1:] or hist) or None
     with open(os.path.join(out_dir, "summary.json")) as f:
