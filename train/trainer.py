@@ -55,6 +55,17 @@ class SFTTrainer(Trainer):
         return GlobalBatchOrder(len(dataset), args.per_device_train_batch_size * args.gradient_accumulation_steps
                                 * args.world_size, args.seed if args.data_seed is None else args.data_seed)
 
+    def _run_epoch(self, *args, **kwargs):
+        # A relaunch of a run that reached max_steps (its last checkpoint at max_steps) trains nothing:
+        # Trainer would run one step past max_steps before its first stop check.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            if self.args.process_index == 0:
+                console()(f"step {self.state.global_step} of max_steps {self.state.max_steps} reached: "
+                          "nothing left to train")
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop("num_tokens", None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)

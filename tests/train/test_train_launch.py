@@ -225,6 +225,20 @@ def test_killed_mid_save_then_restarted_matches_the_uninterrupted_run(crashed_an
     assert phase["phase"] == "done" and phase["step"] == STEPS
 
 
+def test_a_finished_run_launched_again_trains_nothing(crashed_and_resumed, tiny_dir):
+    """Trainer, resumed from the checkpoint at max_steps, trained a step past it (step 41/40 when
+    `make demo` ran again on its lab)."""
+    out = crashed_and_resumed[0]
+    again = ok(launch(tiny_dir, out, ds_config(out.parent, 3, deepcompile=True), ["--compile", "deepcompile"]))
+    assert "resuming from checkpoint-30" in again.stdout
+    assert f"step {STEPS} of max_steps {STEPS} reached: nothing left to train" in again.stdout
+    assert not (out / f"checkpoint-{STEPS + 1}").exists()
+    assert max(losses(out)) == STEPS
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == STEPS
+    assert (out / "final_model" / "config.json").exists()
+
+
 def run_cli(args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True,
