@@ -242,7 +242,7 @@ def train(pre, rank, local_rank, world_size, say, state):
             "tokens": last.get("tokens", 0),
             "seconds": last.get("elapsed_s", 0.0),
             "tokens_per_s": last.get("tokens", 0) / last["elapsed_s"] if last.get("elapsed_s") else None,
-            **steady_throughput(history, meter),
+            **steady_throughput(history, meter, resume_step),
             "wall_seconds": time.time() - started,
             "final_model": written[0] if written else None,
             "final_model_merged": written[1] if len(written) > 1 else None,
@@ -262,11 +262,15 @@ def train(pre, rank, local_rank, world_size, say, state):
             f" ({summary['wall_seconds']:.0f}s wall)" + (f"; model in {', '.join(written)}" if written else ""))
 
 
-def steady_throughput(history, meter):
-    """Tokens/s and MFU over the run without its first logged interval (start-up, warm-up)."""
-    if len(history) < 2 or history[-1]["elapsed_s"] <= history[0]["elapsed_s"]:
+def steady_throughput(history, meter, resume_step=None):
+    """Tokens/s and MFU over the run without the first logged interval of each start (start-up, loading,
+    the first compile): a resumed run's steps after the checkpoint start again."""
+    firsts = [h["step"] for h in history[1:] if resume_step is not None and h["step"] > resume_step][:1]
+    pairs = [(a, b) for a, b in zip(history, history[1:]) if b["step"] not in firsts]
+    seconds = sum(b["elapsed_s"] - a["elapsed_s"] for a, b in pairs)
+    if seconds <= 0:
         return {"tokens_per_s_steady": None, "mfu": None}
-    tps = (history[-1]["tokens"] - history[0]["tokens"]) / (history[-1]["elapsed_s"] - history[0]["elapsed_s"])
+    tps = sum(b["tokens"] - a["tokens"] for a, b in pairs) / seconds
     mfu = tps * meter.flops_per_token / (meter.peak_flops * meter.world_size) if meter.peak_flops else None
     return {"tokens_per_s_steady": tps, "mfu": mfu}
 

@@ -128,3 +128,21 @@ def test_eta_goes_by_the_median_step_time(tmp_path):
     eta = [json.loads(line)["eta_s"] for line in open(tmp_path / "metrics.jsonl")]
     assert eta[0] == pytest.approx(167.0 * 13)  # nothing steady to go by yet
     assert eta[2:] == pytest.approx([0.4 * (14 - step) for step in range(3, 8)])
+
+
+def test_steady_throughput_leaves_out_each_starts_first_interval():
+    """The H200 node's resumed run said 65.0k tokens/s steady where both of its starts ran 91-100k: the
+    relaunch's loading and compile sat inside its first interval after checkpoint-20."""
+    from types import SimpleNamespace
+
+    from train.sft import steady_throughput
+
+    rows, tokens, elapsed = [], 0, 0.0
+    for step in range(1, 51):
+        elapsed += {1: 60.0, 21: 30.0}.get(step, 0.33)  # the first start's compile, the relaunch's
+        tokens += 32768
+        rows.append({"step": step, "tokens": tokens, "elapsed_s": elapsed})
+    meter = SimpleNamespace(flops_per_token=1.0, peak_flops=None, world_size=1)
+    assert steady_throughput(rows, meter, 20)["tokens_per_s_steady"] == pytest.approx(32768 / 0.33)
+    assert steady_throughput(rows, meter)["tokens_per_s_steady"] < 32768 / 0.33 / 2  # a run never resumed
+    assert steady_throughput(rows[:1], meter)["tokens_per_s_steady"] is None
