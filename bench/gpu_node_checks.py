@@ -146,17 +146,16 @@ def compare_losses(reference, first_attempt, resumed, after_step, rtol, noise_fa
         noise_steps = sorted(s for s in first_attempt if s <= after_step and s in reference)
     noise = _worst(reference, first_attempt, noise_steps) or 0.0
     tolerance = max(rtol, noise_factor * noise)
-    first_tolerance = rtol
     first = _rel(continued[shared[0]]["loss"], resumed[shared[0]]["loss"]) if shared else None
     worst = _worst(continued, resumed, shared)
     comparable = continued is first_attempt or noise <= rtol
     rows = [{"step": s, "reference": reference.get(s, {}).get("loss"), "first_attempt": first_attempt.get(s, {}).get("loss"),
              "resumed": resumed[s]["loss"]} for s in sorted(s for s in resumed if s > after_step)]
     return {"after_step": after_step, "basis": basis, "steps_compared": len(shared), "first_step_rel": first,
-            "first_step_tolerance": first_tolerance, "max_rel_diff": worst,
+            "first_step_tolerance": rtol, "max_rel_diff": worst,
             "noise_between_uninterrupted_runs": noise, "rtol": rtol, "tolerance": tolerance,
             "against_uninterrupted_max_rel": _worst(reference, resumed, [r["step"] for r in rows if r["reference"]]),
-            "ok": (bool(shared) and first <= first_tolerance and worst <= tolerance) if comparable else None,
+            "ok": (bool(shared) and first <= rtol and worst <= tolerance) if comparable else None,
             "rows": rows}
 
 

@@ -195,10 +195,10 @@ def profiled_steps(extra):
 
 
 def steady_tokens_per_s(hist, warmup, skip=()):
-    """Tokens over seconds of the logged intervals after step `warmup`, those of the steps in `skip` left out."""
-    pairs = [(a, b) for a, b in zip(hist, hist[1:]) if b["step"] > warmup and b["step"] not in skip]
-    seconds = sum(b["elapsed_s"] - a["elapsed_s"] for a, b in pairs)
-    return sum(b["tokens"] - a["tokens"] for a, b in pairs) / seconds if seconds > 0 else None
+    """Tokens/s of the logged intervals after step `warmup`, those of the steps in `skip` left out."""
+    from train.metrics import interval_tokens_per_s
+
+    return interval_tokens_per_s(hist, {h["step"] for h in hist if h["step"] <= warmup} | set(skip))
 
 
 def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path, budget, variant):

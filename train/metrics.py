@@ -84,6 +84,14 @@ class Meter:
                 "mfu": mfu, "memory_gib": memory_gib(), "memory_reserved_gib": reserved}
 
 
+def interval_tokens_per_s(history, skip=()):
+    """Tokens over seconds of the logged intervals (one metrics.jsonl row to the next) that end at a
+    step not in `skip`; None when no time is left."""
+    pairs = [(a, b) for a, b in zip(history, history[1:]) if b["step"] not in skip]
+    seconds = sum(b["elapsed_s"] - a["elapsed_s"] for a, b in pairs)
+    return sum(b["tokens"] - a["tokens"] for a, b in pairs) / seconds if seconds > 0 else None
+
+
 def _fmt_time(seconds):
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)

@@ -265,12 +265,12 @@ def train(pre, rank, local_rank, world_size, say, state):
 def steady_throughput(history, meter, resume_step=None):
     """Tokens/s and MFU over the run without the first logged interval of each start (start-up, loading,
     the first compile): a resumed run's steps after the checkpoint start again."""
+    from train.metrics import interval_tokens_per_s
+
     firsts = [h["step"] for h in history[1:] if resume_step is not None and h["step"] > resume_step][:1]
-    pairs = [(a, b) for a, b in zip(history, history[1:]) if b["step"] not in firsts]
-    seconds = sum(b["elapsed_s"] - a["elapsed_s"] for a, b in pairs)
-    if seconds <= 0:
+    tps = interval_tokens_per_s(history, firsts)
+    if tps is None:
         return {"tokens_per_s_steady": None, "mfu": None}
-    tps = sum(b["tokens"] - a["tokens"] for a, b in pairs) / seconds
     mfu = tps * meter.flops_per_token / (meter.peak_flops * meter.world_size) if meter.peak_flops else None
     return {"tokens_per_s_steady": tps, "mfu": mfu}
 

@@ -277,11 +277,9 @@ class ProgressPrinter(TrainerCallback):
     def __init__(self, writer: MetricsWriter):
         self.writer = writer
         self.bar = None
-        self.last_logged_step = 0
         self.step_seconds = collections.deque(maxlen=20)  # seconds per step of the recent log intervals
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.last_logged_step = state.global_step
         self.step_seconds.clear()
         if state.is_world_process_zero:
             self.bar = progress_bar(state.max_steps, state.global_step)
@@ -301,10 +299,9 @@ class ProgressPrinter(TrainerCallback):
             elapsed = prev.get("elapsed_s", w.elapsed_before) + logs["interval_s"]
             # the median step time of the recent intervals: a compile (the first step's, DeepCompile's
             # second at step 6) is one slow interval and would inflate a mean for the rest of the run
-            steps = state.global_step - self.last_logged_step
+            steps = state.global_step - prev.get("step", 0)  # prev: the last row kept, of this start or the resumed one
             if steps > 0:
                 self.step_seconds.append(logs["interval_s"] / steps)
-            self.last_logged_step = state.global_step
             eta = statistics.median(self.step_seconds) * (state.max_steps - state.global_step) if self.step_seconds else None
             entry = {
                 "step": state.global_step,
