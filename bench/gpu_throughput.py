@@ -76,9 +76,15 @@ WORKLOADS = {
            "overrides": {"zero_stage": 3}, "variants": "ours_deepspeed,peer_plain,peer_ds3", "second_start": "fresh",
            "budget": 540},
 }
-# DeepCompile compiles at step 1 and again at step 6 (DeepSpeed's schedule: prefetch and selective
-# unsharding from its 5th global step): tokens/s starts after that.
+# With DeepSpeed's own schedule (--deepcompile_schedule warmup) DeepCompile compiles at step 1 and
+# again at step 6 (prefetch and selective unsharding from its 5th global step): tokens/s starts after that.
 DEEPCOMPILE_WARMUP = 6
+
+
+def recompiles_at_step_6(ours_extra):
+    """Whether the ours* runs keep DeepSpeed's two-compile schedule (the package's default is one)."""
+    words = ours_extra.replace("=", " ").split()
+    return any(w == "--deepcompile_schedule" and nxt == "warmup" for w, nxt in zip(words, words[1:]))
 
 def gpu_facts():
     from ansible_collections.dsmesh.cluster.plugins.module_utils import gpus
@@ -383,7 +389,7 @@ def main():
             t0 = time.time()
             deepcompile = variant in plans and plans[variant][0].compile == "deepcompile"
             warmup = a.warmup or wl["warmup"]
-            if deepcompile:
+            if deepcompile and recompiles_at_step_6(a.ours_extra):
                 warmup = max(warmup, DEEPCOMPILE_WARMUP)
             run_steps = max(steps, warmup + 3 + (a.resume_steps if variant in plans else 0))
             if budget.timeout() < 60:

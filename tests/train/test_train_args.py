@@ -147,6 +147,8 @@ DEEPCOMPILE = dict(PLANNED, compile={"deepcompile": True})
     (None, ["--compile", "deepcompile"], "compiles the DeepSpeed engine and needs --deepspeed"),
     (None, ["--compile", "fast"], "must be one of regions, deepcompile, torch, none"),
     (None, ["--master_weights", "bf16"], "must be fp32 or none"),
+    (DEEPCOMPILE, ["--compile", "deepcompile", "--deepcompile_schedule", "late"],
+     "--deepcompile_schedule must be one of first_step, warmup, got 'late'"),
     (None, ["--master_weights", "none", "--bf16", "false"], "needs --bf16 true or --fp16 true"),
     (PLANNED, ["--master_weights", "none"], "DeepSpeed's bf16/fp16 modes always keep fp32 master weights"),
 ])
@@ -183,3 +185,22 @@ def test_engine_compile_choice(monkeypatch):
     assert choose_engine_compile("torch", 3, cuda=True)[0] == "torch"
     monkeypatch.setattr(dc_util, "is_deepcompile_supported", lambda: False)
     assert choose_engine_compile("deepcompile", 3, cuda=True)[0] == "torch"
+
+
+def test_deepcompile_schedule_runs_deepspeeds_passes_in_one_compile():
+    """first_step hands engine.compile() DeepSpeed's own step-5 pass list (gather/release, prefetch,
+    selective unsharding) for step 0, in a form its scheduler takes; warmup and ZeRO-1/2 keep
+    DeepSpeed's default schedule (None)."""
+    from deepspeed.compile import backend
+    from deepspeed.compile.passes import prefetch, selective_gather, zero3_compile
+
+    from train.trainer import deepcompile_schedule
+
+    schedule = deepcompile_schedule("first_step", 3)
+    assert schedule == [(0, [zero3_compile.add_z3_gather_release, prefetch.schedule_prefetch,
+                             selective_gather.selective_gather])]
+    backend.init_schedule(schedule)
+    assert list(backend.remaining_schedule) == schedule
+    assert deepcompile_schedule("warmup", 3) is None
+    assert deepcompile_schedule("first_step", 2) is None
+    assert deepcompile_schedule("first_step", 1) is None

@@ -3,7 +3,7 @@ call on the H200 reported 15,975 tokens/s for steps that ran 39-41k, its profile
 
 import pytest
 
-from bench.gpu_throughput import profiled_steps, steady_tokens_per_s
+from bench.gpu_throughput import profiled_steps, recompiles_at_step_6, steady_tokens_per_s
 
 
 def test_profiled_steps_from_the_extra_arguments():
@@ -22,3 +22,10 @@ def test_steady_rate_leaves_out_warmup_and_profiled_steps():
     assert steady_tokens_per_s(hist, 6, {12}) == pytest.approx(16384 / 0.41)
     assert steady_tokens_per_s(hist, 6) < 16384 / 0.41 / 2  # what the summary said with the profiled step in
     assert steady_tokens_per_s(hist[:6], 6) is None
+
+
+def test_the_second_deepcompile_warmup_only_with_deepspeeds_schedule():
+    assert recompiles_at_step_6("--deepcompile_schedule warmup --profile_steps 12-12")
+    assert recompiles_at_step_6("--deepcompile_schedule=warmup")
+    assert not recompiles_at_step_6("--deepcompile_schedule first_step")
+    assert not recompiles_at_step_6("")
