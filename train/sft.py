@@ -158,7 +158,7 @@ def train(pre, rank, local_rank, world_size, say, state):
     phase.set("loading")
 
     modeling.prefer_sdpa_backend(model_args.sdpa_backend)
-    model = modeling.build_model(model_args, lora_args, training_args, tokenizer)
+    model = modeling.build_model(model_args, lora_args, training_args, tokenizer, datasets.one_sequence_per_row)
     total_params, trainable_params = modeling.count_parameters(model)
     if model_args.compile == "regions":
         modeling.compile_regions(model)

@@ -289,6 +289,9 @@ def test_collator_packed_rows(tmp_path, tokenizer):
     lens = [len(examples[i][0]) for i in ds.rows[0]]
     assert pos == list(range(lens[0])) + list(range(lens[1])) + list(range(16 - n))
     assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
+    # two examples in a row: the model needs the block-diagonal mask; one per row: causal alone
+    assert not ds.one_sequence_per_row
+    assert PackedDataset(examples, max(len(e[0]) for e in examples)).one_sequence_per_row
 
 
 def test_synthetic_rows_are_full_and_reproducible():

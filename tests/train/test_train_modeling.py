@@ -119,3 +119,107 @@ def test_benchmark_shapes_without_weights(tmp_path):
     cfg.write_text(json.dumps(PRESETS["qwen2.5-1.5b"]))
     main(["--from-config", str(cfg), str(tmp_path / "q")])
     assert AutoConfig.from_pretrained(str(tmp_path / "q")).intermediate_size == 8960
+
+
+def _sdpa_calls(monkeypatch):
+    """Records the attn_mask and is_causal that transformers hands torch's SDPA (also while Dynamo traces)."""
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_causal_sdpa_trains_as_masked_sdpa_on_right_padded_rows(tiny_dir, tokenizer, monkeypatch, packed):
+    """One sequence per row, right-padded (as the collator pads): SDPA's causal kernel without a mask
+    gives the loss and the gradients of transformers' own masked SDPA."""
+    from transformers import AutoModelForCausalLM
+
+    from train.data.batches import Collator
+    from train.modeling import CAUSAL_SDPA, register_causal_sdpa
+
+    register_causal_sdpa()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (13, 7, 10):
+        ids = torch.randint(3, 200, (n,), generator=g).numpy()
+        row = {"input_ids": ids, "labels": ids.copy()}
+        if packed:
+            row["position_ids"] = list(range(n))
+        rows.append(row)
+    batch = Collator(tokenizer.pad_token_id, pad_to_multiple_of=8)(rows)
+    batch.pop("num_tokens")
+    assert batch["input_ids"].shape[1] == 16  # every row padded
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir), attn_implementation="sdpa", dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(str(tiny_dir), attn_implementation=CAUSAL_SDPA, dtype=torch.float32)
+    loss_ref, grads_ref = _loss_and_grads(ref, batch)
+    calls = _sdpa_calls(monkeypatch)
+    loss, grads = _loss_and_grads(ours, batch)
+    assert calls and all(mask is None and causal for mask, causal in calls)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-6)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_causal_sdpa_passes_no_mask_while_compiled(tiny_dir, monkeypatch):
+    """DeepCompile's whole-model graph: traced by Dynamo, transformers 5.17's SDPA builds a dense mask
+    even for rows without padding (its skip tests read tensor values; on the H200 SDPA then ran 3x
+    slower); the causal variant passes none, traced or not."""
+    from transformers import AutoModelForCausalLM
+
+    from train.modeling import CAUSAL_SDPA, register_causal_sdpa
+
+    register_causal_sdpa()
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(16).expand(2, 16)}
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), attn_implementation=CAUSAL_SDPA, dtype=torch.float32)
+    calls = _sdpa_calls(monkeypatch)
+    torch.compile(model, backend="eager", fullgraph=True)(**batch).loss.backward()
+    assert calls and all(mask is None and causal for mask, causal in calls)
+
+
+def test_causal_sdpa_only_where_it_is_exact(tiny_dir, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from train.modeling import CAUSAL_SDPA, resolve_attn_implementation
+
+    config = AutoConfig.from_pretrained(str(tiny_dir))
+    assert resolve_attn_implementation("sdpa", True, config) == CAUSAL_SDPA
+    assert resolve_attn_implementation("sdpa", False, config) == "sdpa"  # packed rows: block-diagonal mask
+    assert resolve_attn_implementation("eager", True, config) == "eager"
+    windowed = AutoConfig.from_pretrained(str(tiny_dir), use_sliding_window=True, sliding_window=8)
+    windowed.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    assert resolve_attn_implementation("sdpa", True, windowed) == "sdpa"
+    windowed.layer_types = None
+    assert resolve_attn_implementation("sdpa", True, windowed) == "sdpa"
+    other = AutoConfig.for_model("gemma3_text")  # a model type whose masks may carry more than causality
+    assert resolve_attn_implementation("sdpa", True, other) == "sdpa"
+    # the saved model says nothing of it: it loads with the stock implementations elsewhere
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), attn_implementation=CAUSAL_SDPA)
+    model.save_pretrained(tmp_path / "saved")
+    assert CAUSAL_SDPA not in (tmp_path / "saved" / "config.json").read_text()
+
+
+def test_causal_sdpa_mask_builds_one_where_causality_is_not_all():
+    """A training forward gets no mask; a sliding window (either spelling) or decoding with a cache
+    gets transformers' own mask."""
+    from transformers.masking_utils import causal_mask_function
+
+    from train.modeling import causal_sdpa_mask
+
+    common = {"batch_size": 1, "mask_function": causal_mask_function, "attention_mask": None, "device": "cpu"}
+    assert causal_sdpa_mask(q_length=6, kv_length=6, q_offset=0, **common) is None
+    assert causal_sdpa_mask(q_length=6, kv_length=6, local_size=4, **common) is not None
+    assert causal_sdpa_mask(q_length=3, kv_length=6, q_offset=3, **common) is not None

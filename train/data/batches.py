@@ -72,6 +72,7 @@ class PackedDataset(torch.utils.data.Dataset):
     def __init__(self, examples, max_seq_length):
         self.examples = examples
         self.rows = pack_examples([len(x[0]) for x in examples], max_seq_length)
+        self.one_sequence_per_row = all(len(r) == 1 for r in self.rows)
 
     def __len__(self):
         return len(self.rows)
@@ -87,6 +88,8 @@ class PackedDataset(torch.utils.data.Dataset):
 class ExampleDataset(torch.utils.data.Dataset):
     """One example per row (no packing); the collator pads and masks."""
 
+    one_sequence_per_row = True
+
     def __init__(self, examples):
         self.examples = examples
 
@@ -100,6 +103,8 @@ class ExampleDataset(torch.utils.data.Dataset):
 
 class SyntheticDataset(torch.utils.data.Dataset):
     """Full rows of random token ids, for throughput benchmarks that must not read any data."""
+
+    one_sequence_per_row = True
 
     def __init__(self, num_rows, max_seq_length, vocab_size, seed):
         self.num_rows, self.length, self.vocab_size, self.seed = num_rows, max_seq_length, vocab_size, seed

@@ -19,6 +19,11 @@ class Datasets:
     eval_stats: DataStats | None
     fingerprints: dict = field(default_factory=dict)  # sha256 of the files, identifies the data of a run
 
+    @property
+    def one_sequence_per_row(self):
+        """No row, in training or evaluation, packs several examples."""
+        return all(d.one_sequence_per_row for d in (self.train, self.eval) if d is not None)
+
 
 def split_paths(values):
     """--dataset a.jsonl b.jsonl and --dataset a.jsonl,b.jsonl both work."""
