@@ -42,13 +42,13 @@ DEFAULT_SETTINGS = {
     # efficiency with proportionally fewer tokens.
     "micro_efficiency_hidden": 1536,
     # One GPU (world size 1) needs no partitioning, so the planner also weighs plain PyTorch (the
-    # "torch" engine: fused AdamW). On an H100 (docs/gpu-benchmarks.md) DeepSpeed ZeRO-0 took 1.24x
-    # the time of plain PyTorch.
-    "deepspeed_single_gpu_cost": 1.24,
+    # "torch" engine: fused AdamW). On the H200 with fp32 master weights on both sides, DeepSpeed
+    # ZeRO-0 took 1.05x the torch engine's time (32B LoRA, compiled layers; docs/gpu-benchmarks.md).
+    "deepspeed_single_gpu_cost": 1.05,
     # Compute time with compilation over eager, per COMPILE_MODES entry: the torch engine's compiled
-    # layers 0.8 (H100); DeepSpeed's engine.compile() 0.86 (H200, bare ZeRO-3 loop); DeepCompile
-    # compiles the same graphs.
-    "compile_cost": {"regions": 0.8, "deepcompile": 0.86, "torch": 0.86, "none": 1.0},
+    # layers 0.8 (H100); DeepSpeed's engine.compile() 0.86 (H200, bare ZeRO-3 loop); DeepCompile 0.82,
+    # from its ZeRO-3 run at 0.87x the torch engine side by side (Qwen2.5-1.5B, H200).
+    "compile_cost": {"regions": 0.8, "deepcompile": 0.82, "torch": 0.86, "none": 1.0},
     # ZeRO-3's per-module hooks cost time even on one GPU: the package's eager ZeRO-3 took 1.32x the
     # time of the torch engine, eager, for Qwen2.5-1.5B at 16384 tokens per micro-batch (H200). Per 4096 tokens at
     # hidden size micro_efficiency_hidden; wider layers spend less of their time in the hooks.
@@ -59,8 +59,8 @@ DEFAULT_SETTINGS = {
     # MFU of a step of relative time 1.0 under the speed model: predicted MFU = this / relative step
     # time. Fitted to the package's six H200 runs (docs/gpu-benchmarks.md: Qwen2.5-1.5B torch engine,
     # ZeRO-3 DeepCompile and eager; the 32B shape in 8 layers ZeRO-3 DeepCompile; 32B LoRA torch
-    # engine and ZeRO-0), which it predicts within -10% to +24%.
-    "base_mfu": 0.48,
+    # engine and ZeRO-0), which it predicts within -17% to +19%.
+    "base_mfu": 0.46,
 }
 
 
