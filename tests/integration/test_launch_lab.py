@@ -35,8 +35,12 @@ def metrics(lab, name):
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-def wait_for(predicate, timeout, what, interval=1.0, lab=None, name=None):
+def wait_for(predicate, timeout, what, interval=1.0, lab=None, name=None, written=None):
+    """`written`: a file on the master that the predicate needs non-empty first (a job's exit_code),
+    waited for inside the master, within the same timeout (Lab.wait_until)."""
     deadline = time.time() + timeout
+    if written:
+        lab.wait_until(lab.names()[0], f"test -s {written}", timeout)
     while time.time() < deadline:
         value = predicate()
         if value:
@@ -90,7 +94,8 @@ def test_a_killed_rank_fails_the_job_and_a_relaunch_resumes_with_the_same_losses
     wait_for(lambda: any(m["step"] >= 12 for m in metrics(lab, "e2e")), 300, "step 12", interval=0.3,
              lab=lab, name="e2e")
     lab.exec(other, f"pkill -9 -f -- '[-]m train --local_rank=0 --output_dir={RUNS}/e2e/output'")
-    code = wait_for(lambda: exit_code(lab, "e2e"), 120, "the job to end", lab=lab, name="e2e")
+    code = wait_for(lambda: exit_code(lab, "e2e"), 120, "the job to end", lab=lab, name="e2e",
+                    written=f"{run_dir('e2e')}/exit_code")
     assert code not in ("0", "stopped")
     killed_at = max(m["step"] for m in metrics(lab, "e2e"))
     text = status(lab, "e2e")
@@ -98,7 +103,8 @@ def test_a_killed_rank_fails_the_job_and_a_relaunch_resumes_with_the_same_losses
     assert not ranks_on(lab, master, "e2e") and not ranks_on(lab, other, "e2e")
 
     launch(lab, "e2e")
-    wait_for(lambda: exit_code(lab, "e2e") == "0", 300, "the resumed job to finish", lab=lab, name="e2e")
+    wait_for(lambda: exit_code(lab, "e2e") == "0", 300, "the resumed job to finish", lab=lab, name="e2e",
+             written=f"{run_dir('e2e')}/exit_code")
     summary = json.loads(lab.exec(master, f"cat {run_dir('e2e')}/output/summary.json").stdout)
     resumed = summary["resumed_from_step"]
     assert resumed is not None and 10 <= resumed <= killed_at, (summary, killed_at)
@@ -111,7 +117,8 @@ def test_a_killed_rank_fails_the_job_and_a_relaunch_resumes_with_the_same_losses
 
     # The same job never interrupted: from the checkpoint on, the resumed losses are its losses.
     launch(lab, "e2e-reference")
-    wait_for(lambda: exit_code(lab, "e2e-reference") == "0", 300, "the reference job", lab=lab, name="e2e-reference")
+    wait_for(lambda: exit_code(lab, "e2e-reference") == "0", 300, "the reference job", lab=lab, name="e2e-reference",
+             written=f"{run_dir('e2e-reference')}/exit_code")
     reference = {m["step"]: m["loss"] for m in metrics(lab, "e2e-reference")}
     after = [s for s in resumed_losses if s > resumed]
     assert after and all(s in reference for s in after)
@@ -148,7 +155,7 @@ def test_shared_storage_is_proven_and_keeps_one_copy(lab):
     proc = lab.playbook("playbooks/launch.yml", "-e", settings, check=True)
     assert re.search(r"\bok\s+shared storage", proc.stdout), proc.stdout[-3000:]
     code = wait_for(lambda: lab.exec(master, f"cat {runs}/shared/exit_code 2>/dev/null || true").stdout.strip(),
-                    300, "the shared-storage job to end")
+                    300, "the shared-storage job to end", lab=lab, written=f"{runs}/shared/exit_code")
     assert code == "0", lab.exec(master, f"tail -30 {runs}/shared/launch.log").stdout
     config = json.loads(lab.exec(master, f"cat {runs}/shared/ds_config.json").stdout)
     assert config["checkpoint"]["use_node_local_storage"] is False
@@ -167,7 +174,8 @@ def test_a_frozen_node_ends_the_job_within_two_minutes_and_is_named(lab):
     subprocess_run(["podman", "pause", f"{other}"], env=lab.env, check=True)
     start = time.time()
     try:
-        wait_for(lambda: exit_code(lab, "freeze"), 120, "the job to end after the freeze", interval=2)
+        wait_for(lambda: exit_code(lab, "freeze"), 120, "the job to end after the freeze", interval=2, lab=lab,
+                 written=f"{run_dir('freeze')}/exit_code")
         took = time.time() - start
     finally:
         subprocess_run(["podman", "unpause", f"{other}"], env=lab.env, check=True)

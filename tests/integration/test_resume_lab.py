@@ -80,18 +80,25 @@ def losses(lab, where, name):
     return {r["step"]: r["loss"] for r in rows}
 
 
-def wait_for(predicate, timeout, what):
+def wait_for(predicate, timeout, what, ready=None):
+    """`ready(seconds)`: waits for what the predicate needs first, within the same timeout."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    if ready:
+        ready(timeout)
+    while True:
         value = predicate()
         if value:
             return value
+        if time.time() >= deadline:
+            break
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def exit_code(lab, master, name, timeout=240):
-    return wait_for(lambda: read(lab, master, f"{RUNS}/{name}/exit_code").strip(), timeout, f"{name} to end")
+    path = f"{RUNS}/{name}/exit_code"
+    return wait_for(lambda: read(lab, master, path).strip(), timeout, f"{name} to end",
+                    ready=lambda seconds: lab.wait_until(master, f"test -s {path}", seconds))
 
 
 def marks(lab, where, name, step):

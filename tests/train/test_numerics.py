@@ -13,6 +13,7 @@ At lr 1e-5 Adam moves a weight by about 1e-5 per step, less than half a bf16 ulp
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -102,7 +103,9 @@ def autocast_weight_copies_per_parameter(model, datasets, tokenizer):
 
 @pytest.fixture(scope="module")
 def runs(tiny_dir, tmp_path_factory):
-    torch.set_num_threads(2)
+    # Every core, or this process's share of them when scripts/test.sh runs several pytest workers:
+    # beside another worker, two OpenMP threads that wait on each other took 115 s instead of 36.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     work = tmp_path_factory.mktemp("numerics")
     pre, _, tokenizer, _ = make_trainer(tiny_dir, tiny_dir, work / "pre", ["--learning_rate", "3e-3", "--max_steps",
                                                                            "200"])
