@@ -83,8 +83,7 @@ DEEPCOMPILE_WARMUP = 6
 
 def recompiles_at_step_6(ours_extra):
     """Whether the ours* runs keep DeepSpeed's two-compile schedule (the package's default is one)."""
-    words = ours_extra.replace("=", " ").split()
-    return any(w == "--deepcompile_schedule" and nxt == "warmup" for w, nxt in zip(words, words[1:]))
+    return extra_flag(ours_extra, "--deepcompile_schedule") == "warmup"
 
 def gpu_facts():
     from ansible_collections.dsmesh.cluster.plugins.module_utils import gpus
@@ -188,16 +187,24 @@ def ours_cmd(model_dir, wl, steps, seed, out_dir, plan, ds_cfg, argv, work, vari
     return cmd
 
 
-def profiled_steps(extra):
-    """The steps `--profile_steps A-B` in the extra arguments puts under torch.profiler (slowed by it)."""
+def extra_flag(extra, flag):
+    """The value of `flag` (`--flag V` or `--flag=V`) in the extra `python -m train` arguments, or None."""
     words = shlex.split(extra or "")
     for i, word in enumerate(words):
-        spec = word.split("=", 1)[1] if word.startswith("--profile_steps=") else (
-            words[i + 1] if word == "--profile_steps" and i + 1 < len(words) else None)
-        if spec:
-            first, _, last = spec.partition("-")
-            return set(range(int(first), int(last or first) + 1))
-    return set()
+        value = word.split("=", 1)[1] if word.startswith(flag + "=") else (
+            words[i + 1] if word == flag and i + 1 < len(words) else None)
+        if value:
+            return value
+    return None
+
+
+def profiled_steps(extra):
+    """The steps `--profile_steps A-B` in the extra arguments puts under torch.profiler (slowed by it)."""
+    spec = extra_flag(extra, "--profile_steps")
+    if not spec:
+        return set()
+    first, _, last = spec.partition("-")
+    return set(range(int(first), int(last or first) + 1))
 
 
 def steady_tokens_per_s(hist, warmup, skip=()):

@@ -111,9 +111,10 @@ def train(pre, rank, local_rank, world_size, say, state):
     # what compiles: the layers (regions), the DeepSpeed engine (deepcompile, torch) or nothing
     zero = args_mod.zero_stage(info["ds_config"])
     engine_compile, compile_why = choose_engine_compile(model_args.compile, zero, use_cuda)
-    if engine_compile == "deepcompile" and zero == 3:
-        compile_why += ("; its passes in one compile at the first step" if model_args.deepcompile_schedule ==
-                        "first_step" else "; DeepSpeed's schedule, prefetch and unsharding recompiled at step 5")
+    schedule = None
+    if engine_compile == "deepcompile":
+        schedule, schedule_why = deepcompile_schedule(model_args.deepcompile_schedule, zero)
+        compile_why += schedule_why
     compile_runs = "regions" if model_args.compile == "regions" else engine_compile
     compiles = compile_runs != "none"
     universal = bool(get_path(info["ds_config"] or {}, "checkpoint.load_universal"))
@@ -214,8 +215,7 @@ def train(pre, rank, local_rank, world_size, say, state):
         trainer.add_callback(ProfileCallback(run_args.profile_steps, output_dir))
     engine_compiler = None
     if engine_compile != "none":
-        engine_compiler = EngineCompileCallback(
-            trainer, engine_compile, deepcompile_schedule(model_args.deepcompile_schedule, zero))
+        engine_compiler = EngineCompileCallback(trainer, engine_compile, schedule)
         trainer.add_callback(engine_compiler)
     trainer.add_callback(PhaseCallback(phase, compiles,
                                        lambda: engine_compiler.recompile_steps if engine_compiler else ()))

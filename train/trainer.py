@@ -118,16 +118,20 @@ def choose_engine_compile(requested, zero_stage, cuda):
 
 
 def deepcompile_schedule(name, zero_stage):
-    """The pass schedule handed to engine.compile(): None keeps DeepSpeed's own (ZeRO-1/2 always: one
-    pass at step 0). first_step runs ZeRO-3's gather/release, prefetch and selective unsharding in one
-    compile at the first step instead of recompiling the whole graph at step 5 for the last two: by
-    then ZeRO-3 has allocated every partition and the Adam states (initialize_optimizer_states), so the
-    first step's memory profile is the steady one the unsharding budget is planned against."""
-    if zero_stage != 3 or name == "warmup":
-        return None
+    """(the pass schedule handed to engine.compile(), what the compile line adds about it). None keeps
+    DeepSpeed's own (ZeRO-1/2 always: one pass at step 0). first_step runs ZeRO-3's gather/release,
+    prefetch and selective unsharding in one compile at the first step instead of recompiling the whole
+    graph at step 5 for the last two: by then ZeRO-3 has allocated every partition and the Adam states
+    (initialize_optimizer_states), so the first step's memory profile is the steady one the unsharding
+    budget is planned against."""
+    if zero_stage != 3:
+        return None, ""
+    if name == "warmup":
+        return None, "; DeepSpeed's schedule, prefetch and unsharding recompiled at step 5"
     from deepspeed.compile.passes import prefetch, selective_gather, zero3_compile
 
-    return [(0, [zero3_compile.add_z3_gather_release, prefetch.schedule_prefetch, selective_gather.selective_gather])]
+    passes = [zero3_compile.add_z3_gather_release, prefetch.schedule_prefetch, selective_gather.selective_gather]
+    return [(0, passes)], "; its passes in one compile at the first step"
 
 
 class EngineCompileCallback(TrainerCallback):
@@ -137,8 +141,9 @@ class EngineCompileCallback(TrainerCallback):
     after initialize, before the checkpoint is loaded, when TrainingArguments.torch_compile is set.)
 
     DeepCompile's pass schedule counts the engine's global steps from 0 (graph passes at step 0,
-    prefetch and selective unsharding at step 5, or all at step 0 with deepcompile_schedule); a resumed engine starts at the checkpoint's step,
-    where no scheduled step would ever come, so the schedule is shifted to start there."""
+    prefetch and selective unsharding at step 5, or all at step 0 with deepcompile_schedule); a
+    resumed engine starts at the checkpoint's step, where no scheduled step would ever come, so the
+    schedule is shifted to start there. `schedule`: deepcompile_schedule's, for mode deepcompile."""
 
     def __init__(self, trainer, mode, schedule=None):
         self.trainer = trainer
@@ -150,7 +155,7 @@ class EngineCompileCallback(TrainerCallback):
         engine = self.trainer.model_wrapped
         if self.mode == "torch" and engine.is_deepcompile_enabled():
             engine._config.compile_config.deepcompile = False  # the fallback when DeepCompile cannot run
-        engine.compile(schedule=self.schedule if self.mode == "deepcompile" else None)
+        engine.compile(schedule=self.schedule)
         if self.mode == "deepcompile":
             from collections import deque
 

@@ -196,11 +196,13 @@ def test_deepcompile_schedule_runs_deepspeeds_passes_in_one_compile():
 
     from train.trainer import deepcompile_schedule
 
-    schedule = deepcompile_schedule("first_step", 3)
+    schedule, why = deepcompile_schedule("first_step", 3)
     assert schedule == [(0, [zero3_compile.add_z3_gather_release, prefetch.schedule_prefetch,
                              selective_gather.selective_gather])]
+    assert why == "; its passes in one compile at the first step"
     backend.init_schedule(schedule)
     assert list(backend.remaining_schedule) == schedule
-    assert deepcompile_schedule("warmup", 3) is None
-    assert deepcompile_schedule("first_step", 2) is None
-    assert deepcompile_schedule("first_step", 1) is None
+    assert deepcompile_schedule("warmup", 3) == (None, "; DeepSpeed's schedule, prefetch and unsharding "
+                                                       "recompiled at step 5")
+    assert deepcompile_schedule("first_step", 2) == (None, "")
+    assert deepcompile_schedule("first_step", 1) == (None, "")
