@@ -273,6 +273,18 @@ class PhaseFile:
             self._stop = None
 
 
+def compile_cache_use():
+    """How this process's compiles used Inductor's FX-graph cache so far ("" before any compile): a
+    relaunch whose graphs all miss a warm cache compiles as long as the first start did."""
+    from torch._dynamo.utils import counters
+
+    fx = counters["inductor"]
+    hit, missed, bypassed = fx["fxgraph_cache_hit"], fx["fxgraph_cache_miss"], fx["fxgraph_cache_bypass"]
+    if not hit + missed + bypassed:
+        return ""
+    return f"Inductor graph cache: {hit} hit, {missed} missed" + (f", {bypassed} bypassed" if bypassed else "")
+
+
 def compile_cache_state():
     """Where torch.compile's caches are and whether they hold anything yet (a relaunch of the same
     plan on the same node finds them warm). Inductor's FX-graph and AOTAutograd caches live under

@@ -206,3 +206,56 @@ def test_deepcompile_schedule_runs_deepspeeds_passes_in_one_compile():
                                                        "recompiled at step 5")
     assert deepcompile_schedule("first_step", 2) == (None, "")
     assert deepcompile_schedule("first_step", 1) == (None, "")
+
+
+GRAPH_KEYS_SCRIPT = """
+import json, torch
+from train.trainer import deepcompile_graph_key
+keys = []
+def backend(gm, example_inputs):
+    keys.append(deepcompile_graph_key(gm.graph))
+    return gm.forward
+@torch.compile(backend=backend, dynamic=False)
+def f(x):
+    return x.sin() + 1
+@torch.compile(backend=backend, dynamic=False)
+def g(x):
+    return x.cos() * 2
+f(torch.ones(3)); g(torch.ones(3)); f(torch.ones(4))
+print(json.dumps(keys))
+"""
+
+
+def test_deepcompile_graph_keys_are_the_same_in_every_process():
+    """Dynamo's graphs get the same keys in two processes running the same compiles (id() gives
+    addresses that differ), one per graph, a recompile included; anything else keeps its id()."""
+    import subprocess
+    import sys
+
+    import torch.fx
+
+    from train.trainer import GRAPH_KEY_BASE, deepcompile_graph_key
+
+    def keys():
+        out = subprocess.run([sys.executable, "-c", GRAPH_KEYS_SCRIPT], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = keys(), keys()
+    assert first == second and len(set(first)) == 3, (first, second)
+    assert all(GRAPH_KEY_BASE <= k < 1 << 31 for k in first), first
+    graph = torch.fx.Graph()
+    assert deepcompile_graph_key(graph) == id(graph)
+
+
+def test_deepcompile_keys_its_graphs_by_compile_id():
+    """DeepSpeed's backend looks id() up in its module: the shim puts deepcompile_graph_key there; a
+    DeepSpeed that no longer keys graphs by id(gm.graph) is left alone (and this test says so)."""
+    from deepspeed.compile import backend
+
+    from train.trainer import deepcompile_graph_key, stable_deepcompile_graph_ids
+
+    try:
+        assert stable_deepcompile_graph_ids()
+        assert backend.id is deepcompile_graph_key
+    finally:
+        backend.__dict__.pop("id", None)
