@@ -7,10 +7,10 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
+from ds_testlib import run_launch
 
 from train.args import DataArguments
 from train.data import DataError, build_datasets, read_dataset, tokenize_records
@@ -205,7 +205,7 @@ def test_fingerprints_stay_for_unchanged_files_and_follow_changes_and_options(tm
 def test_launch_trains_on_parquet_arrow_and_json_files_of_trls_formats(tmp_path, tiny_dir):
     """The tiny model's data as TRL writes it (chats as conversational prompt-completion, text under
     another column name) in parquet, Arrow and JSON, through the real launcher on 2 ranks."""
-    from test_train_launch import BIN, ROOT, ds_config, free_port, metrics, ok
+    from test_train_launch import BIN, ROOT, ds_config, metrics, ok
 
     def trl_rows(records):
         out = []
@@ -226,14 +226,16 @@ def test_launch_trains_on_parquet_arrow_and_json_files_of_trls_formats(tmp_path,
              write_rows(tmp_path / "train.arrow", [r for r in rows if r not in chats])]
     evaluation = write_rows(tmp_path / "eval.json", trl_rows(make_records(20, seed=4)))
     out = tmp_path / "out"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module", "train",
-           "--model_name_or_path", str(tiny_dir), "--dataset", *train, "--eval_dataset", evaluation,
-           "--dataset_text_field", "body", "--assistant_only_loss", "false", "--output_dir", str(out),
-           "--deepspeed", ds_config(tmp_path, 2), "--max_seq_length", "256", "--max_steps", "8",
-           "--learning_rate", "1e-2", "--logging_steps", "1", "--save_strategy", "no", "--seed", "1"]
+    config = ds_config(tmp_path, 2)
+    cmd = lambda port: [
+        str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "train",
+        "--model_name_or_path", str(tiny_dir), "--dataset", *train, "--eval_dataset", evaluation,
+        "--dataset_text_field", "body", "--assistant_only_loss", "false", "--output_dir", str(out),
+        "--deepspeed", config, "--max_seq_length", "256", "--max_steps", "8",
+        "--learning_rate", "1e-2", "--logging_steps", "1", "--save_strategy", "no", "--seed", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
                TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
-    proc = ok(subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400))
+    proc = ok(run_launch(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400))
     summary = json.loads((out / "summary.json").read_text())
     from train.modeling import load_tokenizer
 

@@ -7,23 +7,17 @@ and a ZeRO-3 run killed in the middle of a save and then started again.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ds_testlib import run_launch
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STEPS = 30
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def ds_config(tmp, stage, deepcompile=False):
@@ -42,15 +36,16 @@ def launch(tiny_dir, out, config, extra=(), launcher="deepspeed", fault=None):
             "--deepspeed", config, "--max_seq_length", "256", "--max_steps", str(STEPS),
             "--learning_rate", "1e-2", "--logging_steps", "1", "--save_steps", "10", "--seed", "1", *extra]
     if launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", free_port(), "--module", "train", *args]
+        head, module = [str(BIN / "deepspeed"), "--num_gpus", "2"], ["--module", "train"]
     else:
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(), "-m", "train", *args]
+        head, module = [str(BIN / "torchrun"), "--nproc_per_node", "2"], ["-m", "train"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
                TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
     env.pop("TRAIN_FAULT_INJECT", None)
     if fault:
         env["TRAIN_FAULT_INJECT"] = fault
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    proc = run_launch(lambda port: [*head, "--master_port", str(port), *module, *args], cwd=ROOT, env=env,
+                      capture_output=True, text=True, timeout=400)
     Path(f"{out}.log").write_text(proc.stdout + proc.stderr)  # kept for debugging a failure
     return proc
 
@@ -276,6 +271,7 @@ def test_one_gpu_plan_path_compiled_layers_and_partial_checkpointing(tiny_dir, t
     log = compiled.stdout + compiled.stderr
     assert "compile: regions (each decoder layer and the loss" in log and "compile caches " in log
     assert "compiling (0s)" in log and "compiled and ran the first step in" in log
+    assert "(Inductor graph cache: " in log  # how the compile used the cache (a relaunch's should hit)
     assert "gradient checkpointing on 1 decoder layer(s)" in compiled.stdout + compiled.stderr
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]

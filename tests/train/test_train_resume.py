@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from accelerate.data_loader import BatchSamplerShard
+from ds_testlib import run_launch
 from torch.utils.data import BatchSampler
 
 from ansible_collections.dsmesh.cluster.plugins.module_utils import rundir
@@ -118,25 +119,18 @@ def launch(tiny_dir, out, ranks, micro, universal=False):
         config["checkpoint"]["load_universal"] = True
     path = Path(f"{out}-{ranks}.json")
     path.write_text(json.dumps(config))
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", free_port(),
-           "--module", "train", "--model_name_or_path", str(tiny_dir), "--dataset", str(tiny_dir / "data" / "train.jsonl"),
-           "--output_dir", str(out), "--deepspeed", str(path), "--max_seq_length", "128", "--max_steps", "24",
-           "--learning_rate", "3e-3", "--warmup_steps", "2", "--logging_steps", "1", "--save_steps", "10",
-           "--save_on_each_node", "true", "--save_final_model", "false"]
+    cmd = lambda port: [
+        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
+        "--module", "train", "--model_name_or_path", str(tiny_dir), "--dataset", str(tiny_dir / "data" / "train.jsonl"),
+        "--output_dir", str(out), "--deepspeed", str(path), "--max_seq_length", "128", "--max_steps", "24",
+        "--learning_rate", "3e-3", "--warmup_steps", "2", "--logging_steps", "1", "--save_steps", "10",
+        "--save_on_each_node", "true", "--save_final_model", "false"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
     env.pop("TRAIN_FAULT_INJECT", None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    proc = run_launch(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     Path(f"{out}.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def losses(out):

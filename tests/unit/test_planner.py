@@ -7,12 +7,11 @@ import io
 import json
 import os
 import re
-import socket
 from contextlib import redirect_stdout
 
 import pytest
 import torch
-from ds_testlib import MODEL_NAMES, model_config
+from ds_testlib import MODEL_NAMES, free_port, model_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ansible_collections.dsmesh.cluster.plugins.module_utils.planner import (
@@ -402,19 +401,13 @@ class DataParallelOnly:
         return 0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def deepspeed_dist():
     """A one-process gloo group on loopback, so DeepSpeedConfig can ask for the rank."""
     import deepspeed
     import deepspeed.comm as dist
     if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="gloo")
     return deepspeed
