@@ -46,6 +46,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -146,12 +147,21 @@ class Budget:
 
 
 def run_child(cmd, log_path, timeout, env=None):
+    """A run that outlives its share of the budget is aborted with SIGABRT first: with faulthandler on,
+    every thread's Python stack goes to its log (where it was: compiling, loading, waiting)."""
     t0 = time.time()
     with open(log_path, "a") as log:
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                 env=dict(os.environ, PYTHONFAULTHANDLER="1", **(env or {})))
         try:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO,
-                                env=dict(os.environ, **(env or {}))).returncode
+            rc = child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGABRT)
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
             rc = "timeout"
     return rc, time.time() - t0, t0
 

@@ -1,7 +1,6 @@
 """The Trainer subclass and callbacks: token counting, crash-safe checkpoint marking, progress."""
 
 import collections
-import logging
 import os
 import signal
 import statistics
@@ -19,8 +18,6 @@ from train.metrics import MetricsWriter, compile_cache_use, console, format_line
 # "pause_before_save_barrier:N:S" makes rank 0 wait S seconds once its part of checkpoint-N is written,
 # while the others wait for it (a save under way, to stop the job in).
 FAULT_ENV = "TRAIN_FAULT_INJECT"
-
-logger = logging.getLogger(__name__)
 
 
 def injected_fault(step, rank):
@@ -137,41 +134,6 @@ def deepcompile_schedule(name, zero_stage):
     return [(0, passes)], "; its passes in one compile at the first step"
 
 
-# DeepCompile graph keys from Dynamo's compile ids start here, far from any CPython object address
-GRAPH_KEY_BASE = 1 << 20
-
-
-def deepcompile_graph_key(obj):
-    """id() as DeepCompile's backend sees it: a graph Dynamo compiled is keyed by its compile id (frame,
-    recompile), the same number in every process that compiles the same frames in the same order;
-    anything else keeps its id(). Keys stay unique in a process: Dynamo never reuses a compile id."""
-    import builtins
-
-    import torch.fx
-
-    if isinstance(obj, torch.fx.Graph) and obj.owning_module is not None:
-        cid = getattr(obj.owning_module, "meta", {}).get("dynamo_compile_id")
-        if cid is not None and cid.frame_id is not None and cid.compiled_autograd_id is None \
-                and 0 <= (cid.frame_compile_id or 0) < 1000:
-            return GRAPH_KEY_BASE + 1000 * cid.frame_id + (cid.frame_compile_id or 0)
-    return builtins.id(obj)
-
-
-def stable_deepcompile_graph_ids():
-    """Whether DeepCompile now keys its graphs by deepcompile_graph_key. DeepSpeed 0.19 keys each graph
-    by id(gm.graph), an address, and writes that key into the graph as an argument of its gather,
-    release and reduce ops: no graph then matches Inductor's cache in another process, and every
-    relaunch compiles from scratch. False where DeepSpeed keys graphs some other way (left alone)."""
-    import inspect
-
-    from deepspeed.compile import backend
-
-    if "graph_id = id(gm.graph)" not in inspect.getsource(backend.make_backend):
-        return False
-    backend.id = deepcompile_graph_key  # a module global shadows the builtin in that module only
-    return True
-
-
 class EngineCompileCallback(TrainerCallback):
     """Compiles the DeepSpeed engine (`trainer.model_wrapped`) when training starts: after
     deepspeed.initialize and after a checkpoint is loaded, so DeepCompile registers the parameter
@@ -193,9 +155,6 @@ class EngineCompileCallback(TrainerCallback):
         engine = self.trainer.model_wrapped
         if self.mode == "torch" and engine.is_deepcompile_enabled():
             engine._config.compile_config.deepcompile = False  # the fallback when DeepCompile cannot run
-        if self.mode == "deepcompile" and not stable_deepcompile_graph_ids():
-            logger.warning("DeepCompile keys its graphs in a way this package does not know: a relaunch may "
-                           "not find its compiled graphs in the Inductor cache")
         engine.compile(schedule=self.schedule)
         if self.mode == "deepcompile":
             from collections import deque

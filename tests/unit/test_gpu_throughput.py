@@ -3,7 +3,7 @@ call on the H200 reported 15,975 tokens/s for steps that ran 39-41k, its profile
 
 import pytest
 
-from bench.gpu_throughput import profiled_steps, recompiles_at_step_6, steady_tokens_per_s
+from bench.gpu_throughput import profiled_steps, recompiles_at_step_6, run_child, steady_tokens_per_s
 
 
 def test_profiled_steps_from_the_extra_arguments():
@@ -29,3 +29,17 @@ def test_the_second_deepcompile_warmup_only_with_deepspeeds_schedule():
     assert recompiles_at_step_6("--deepcompile_schedule=warmup")
     assert not recompiles_at_step_6("--deepcompile_schedule first_step")
     assert not recompiles_at_step_6("")
+
+
+def test_a_run_past_its_budget_leaves_its_stack_in_the_log(tmp_path):
+    """The W3 call's cached start was killed at its share of the budget with nothing in its log to say
+    where it was; now it is aborted with faulthandler on, which writes every thread's stack first."""
+    import sys
+
+    log = tmp_path / "run.log"
+    slow = "import time\ndef waiting_for_something():\n    time.sleep(60)\nwaiting_for_something()\n"
+    rc, wall, _ = run_child([sys.executable, "-c", slow], str(log), timeout=2)
+    assert rc == "timeout" and wall < 20
+    text = log.read_text()
+    assert "Fatal Python error: Aborted" in text and "waiting_for_something" in text
+    assert run_child([sys.executable, "-c", "print('ok')"], str(log), timeout=30)[0] == 0
