@@ -27,4 +27,5 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST//a/}"; fi
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
 $PY -c 'import torch, transformers, deepspeed; print("torch", torch.__version__, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__, torch.cuda.get_device_name())'
-exec $PY -m bench.gpu_throughput --out "${OUT:-gpu_bench}" "$@"
+# BENCH: which bench module runs in this environment (bench.gpu_cache_miss: why a relaunch misses the cache)
+exec $PY -m "${BENCH:-bench.gpu_throughput}" --out "${OUT:-gpu_bench}" "$@"

@@ -3,16 +3,16 @@ about 2 minutes): the ZeRO-3 plan of a 2-layer Qwen2.5-0.5B shape launched twice
 directories and Inductor's cache-key details logged; prints the key components that differ between
 the two starts' graphs and a diff of the graphs, DeepCompile's graph ids (an address) blanked out:
 
-    python3 bench/gpu_cache_miss.py          # from bench/gpu.sh's environment; writes OUT/cache_miss/
+    BENCH=bench.gpu_cache_miss bash bench/gpu.sh     # writes OUT/cache_miss/ (OUT: gpu_bench)
 """
 
+import argparse
 import difflib
 import os
 import re
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a TORCH_LOGS line: "[rank0]:V1201 18:43:36.805000 472 torch/_inductor/codecache.py:1006] [0/0] text"
 LOG_PREFIX = re.compile(r"^.*?torch/_inductor/codecache\.py:\d+\] (?:\[[^\]]*\] )?")
 COMPONENT = re.compile(r"^\[(\w+)\] (\S+?): (.*)$")
@@ -62,12 +62,18 @@ def differences(first, second):
     return out
 
 
+def changed_lines(diff):
+    """The removed and added lines of a unified diff, without its file headers."""
+    return [line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+
+
 def main():
-    sys.path.insert(0, REPO)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="gpu_bench")
     from bench import gpu_throughput as g
     from train.tiny_model import PRESETS, write_config_only
 
-    out = os.path.join(os.environ.get("OUT", "gpu_bench"), "cache_miss")
+    out = os.path.join(p.parse_args().out, "cache_miss")
     os.makedirs(out, exist_ok=True)
     wl = {"finetune": "full", "global_batch": 8, "seq_len": 1024, "lr": 1e-5}
     work = tempfile.mkdtemp(prefix="cache_miss.")
@@ -92,7 +98,7 @@ def main():
             print(f"graph {n}: components that differ: {names or 'none'}", flush=True)
             for k, d in diffs.items():
                 f.write(f"=== graph {n}, {k} (graph ids blanked)\n" + "\n".join(d) + "\n")
-                changed = [line for line in d if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+                changed = changed_lines(d)
                 print(f"  {k}: {len(changed)} lines differ besides the graph ids; the first:", flush=True)
                 for line in changed[:12]:
                     print("   ", line[:200], flush=True)

@@ -1,7 +1,7 @@
 """bench/gpu_cache_miss.py reads Inductor's cache-key details out of two starts' TORCH_LOGS and says
 what differs besides DeepCompile's graph ids (the lines below are the H200 run's, shortened)."""
 
-from bench.gpu_cache_miss import blank_graph_ids, differences, key_details
+from bench.gpu_cache_miss import blank_graph_ids, changed_lines, differences, key_details
 
 P = "[rank0]:V1201 18:43:36.805000 472 torch/_inductor/codecache.py:1006] [0/0] "
 
@@ -35,7 +35,7 @@ def test_two_starts_differ_in_graph_id_and_gather_order(tmp_path):
     assert set(first[0]) == {"gm", "torch_version"} and "def forward" in first[0]["gm"][1]
     (names, diffs), = differences(first, second)
     assert names == ["gm"]  # torch_version's hash is the same in both
-    changed = [line for line in diffs["gm"] if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    changed = changed_lines(diffs["gm"])
     assert changed and all("GRAPH_ID" in line and "1396" not in line for line in changed)  # only the order is left
     same = key_details(start_log(tmp_path, "3.log", 139772166608880, (1, 2)))
     assert blank_graph_ids(same[0]["gm"][1]) == blank_graph_ids(first[0]["gm"][1])
