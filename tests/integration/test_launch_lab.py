@@ -71,8 +71,16 @@ def ranks_on(lab, node, name):
     return lab.exec(node, f"pgrep -f -- '{MARKER}/{name}/output' || true").stdout.split()
 
 
+# The first job holds at its checkpoint-20 barrier for 90 s (less than the lab's 2-minute collective
+# timeout): its 40 steps otherwise took less than this module's first two tests on a quiet machine,
+# and the rank the kill test kills past step 12 was gone.
+HOLD = "pause_before_save_barrier:20:90"
+
+
 def test_site_yml_takes_the_lab_to_a_running_job(lab):
-    proc = lab.playbook("site.yml", "-e", "deepspeed_job_run_name=e2e", check=True)
+    env = dict(lab.load_inventory()["all"]["vars"]["deepspeed_job_env"], TRAIN_FAULT_INJECT=HOLD)
+    proc = lab.playbook("site.yml", "-e", json.dumps({"deepspeed_job_run_name": "e2e", "deepspeed_job_env": env}),
+                        check=True)
     out = proc.stdout
     assert "all-reduce" in out and "gloo over 2 rank(s) on 2 node(s)" in " ".join(out.split())
     assert "run e2e-" in out and "started on dse2e-node1" in out
