@@ -1,5 +1,5 @@
 """The pdsh role's controller-side packages: which .deb files a node is sent (plugins/filter/debs.py),
-and the download script's answer on a controller without apt."""
+the download script's answer on a controller without apt, and the packing of a node's bundle."""
 import subprocess
 from pathlib import Path
 
@@ -67,3 +67,68 @@ def test_fetch_script_without_apt_says_which_variable_to_set(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert "the controller has no apt-get" in proc.stderr and "pdsh_install_from: apt" in proc.stderr
     assert not (tmp_path / "repo").exists()
+
+
+PACK = Path(__file__).resolve().parents[2] / "roles" / "pdsh" / "files" / "pack-debs.sh"
+
+
+def _pack(bundle, repo, *files):
+    return subprocess.run(["/bin/bash", str(PACK), str(bundle), str(repo), *files], capture_output=True, text=True)
+
+
+def _members(bundle):
+    return sorted(subprocess.run(["tar", "-tf", str(bundle)], capture_output=True, text=True, check=True).stdout.split())
+
+
+@pytest.fixture
+def repo(tmp_path):
+    repo = tmp_path / "pdsh"
+    repo.mkdir()
+    (repo / "Packages").write_text(INDEX)
+    for name in ("pdsh_2.34-0.2_amd64.deb", "libc6_2.36-9+deb12u14_amd64.deb"):
+        (repo / name).write_bytes(name.encode() * 4000)
+    return repo
+
+
+def test_pack_writes_the_index_and_the_files_then_keeps_a_complete_bundle(repo, tmp_path):
+    bundle = tmp_path / "pdsh-abc.tar"
+    first = _pack(bundle, repo, "pdsh_2.34-0.2_amd64.deb")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == f"packed {bundle}"
+    assert _members(bundle) == ["Packages", "pdsh_2.34-0.2_amd64.deb"]
+    assert oct(bundle.stat().st_mode & 0o777) == "0o644"
+    again = _pack(bundle, repo, "pdsh_2.34-0.2_amd64.deb")
+    assert again.stdout.strip() == f"kept {bundle}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pdsh", "pdsh-abc.tar"]
+
+
+def test_pack_replaces_a_partial_bundle_left_by_a_killed_run(repo, tmp_path):
+    # what a run stopped while writing leaves: the first half of the tar
+    bundle = tmp_path / "pdsh-abc.tar"
+    assert _pack(bundle, repo, "pdsh_2.34-0.2_amd64.deb", "libc6_2.36-9+deb12u14_amd64.deb").returncode == 0
+    bundle.write_bytes(bundle.read_bytes()[: bundle.stat().st_size // 2])
+    proc = _pack(bundle, repo, "pdsh_2.34-0.2_amd64.deb", "libc6_2.36-9+deb12u14_amd64.deb")
+    assert proc.stdout.strip() == f"packed {bundle}", proc.stderr
+    assert _members(bundle) == ["Packages", "libc6_2.36-9+deb12u14_amd64.deb", "pdsh_2.34-0.2_amd64.deb"]
+
+
+def test_pack_of_a_missing_file_fails_and_leaves_no_bundle(repo, tmp_path):
+    bundle = tmp_path / "pdsh-abc.tar"
+    proc = _pack(bundle, repo, "perl-base_5.36.0-7+deb12u4_amd64.deb")
+    assert proc.returncode != 0
+    assert "perl-base_5.36.0-7+deb12u4_amd64.deb" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pdsh"]
+
+
+def test_concurrent_packs_each_leave_a_complete_bundle(repo, tmp_path):
+    # two site.yml runs from one controller pack the same bundle at once (the test labs do)
+    bundle = tmp_path / "pdsh-abc.tar"
+    files = ["pdsh_2.34-0.2_amd64.deb", "libc6_2.36-9+deb12u14_amd64.deb"]
+    procs = [subprocess.Popen(["/bin/bash", str(PACK), str(bundle), str(repo), *files], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert out.split()[0] in ("packed", "kept")
+    assert _members(bundle) == ["Packages", *sorted(files)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pdsh", "pdsh-abc.tar"]
