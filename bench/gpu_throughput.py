@@ -23,6 +23,8 @@ Variants (each a fresh process, so peak memory is its own):
   ours_deepspeed       the plan with engine=deepspeed (and the workload's forced ZeRO stage): the planner's
                        ds_config.json; compiled as the plan says (DeepCompile for ZeRO-3)
   ours_deepspeed_eager the same plan with --compile none (the loss reference for the compiled run)
+  ours_deepspeed_lever the ours_deepspeed plan with --ds-config-override merged into its ds_config.json:
+                       a lever measured side by side with the planner's config in one call
 
 Every ours* run is started twice with the same compile cache directories (its own, empty at the
 first start): the first start writes a checkpoint `--resume-steps` steps before the end, the second
@@ -120,18 +122,20 @@ def make_plan(model_dir, wl, overrides=None, config_overrides=None):
 
 def ours_plans(model_dir, wl, variants, a):
     """The plan of each ours* variant: the torch engine for `ours`, DeepSpeed (the workload's ZeRO stage)
-    for `ours_deepspeed*`; `ours_deepspeed_eager` is the same plan uncompiled."""
+    for `ours_deepspeed*`; `ours_deepspeed_eager` is the same plan uncompiled, `ours_deepspeed_lever` the
+    same plan with --ds-config-override in its config (the only variant that takes it)."""
     base = dict(wl.get("overrides") or {}, **a.ours_overrides)
     plans = {}
     for v in variants:
         if v == "ours":  # (the torch engine has no ZeRO stage to force)
             plans[v] = make_plan(model_dir, wl, dict({k: x for k, x in base.items() if k != "zero_stage"},
                                                      engine="torch"))
-        elif v in ("ours_deepspeed", "ours_deepspeed_eager"):
+        elif v in ("ours_deepspeed", "ours_deepspeed_eager", "ours_deepspeed_lever"):
             overrides = dict(base, engine="deepspeed")
             if v == "ours_deepspeed_eager":
                 overrides["compile"] = "none"
-            plans[v] = make_plan(model_dir, wl, overrides, a.ds_config_override or None)
+            plans[v] = make_plan(model_dir, wl, overrides,
+                                 (a.ds_config_override or None) if v == "ours_deepspeed_lever" else None)
     return plans
 
 
@@ -340,10 +344,13 @@ def ratios(name, res):
             x = r["cached_start_s"] / r["first_start_s"]
             lines.append(f"{v} cached start {r['cached_start_s']:.0f}s / first start {r['first_start_s']:.0f}s = "
                          f"{x:.2f} (target <= 0.5: {'met' if x <= 0.5 else 'NOT met'})")
-    compiled, eager = res.get("ours_deepspeed", {}).get("losses"), res.get("ours_deepspeed_eager", {}).get("losses")
-    if compiled and eager:
-        lines.append(f"ours_deepspeed vs ours_deepspeed_eager: max rel loss diff over {min(len(compiled), len(eager))} "
-                     f"steps {max_rel_diff(compiled, eager):.2e}")
+    compiled = res.get("ours_deepspeed", {}).get("losses")
+    for other in ("ours_deepspeed_eager", "ours_deepspeed_lever"):
+        losses = res.get(other, {}).get("losses")
+        if compiled and losses:
+            lines.append(f"ours_deepspeed vs {other}: max rel loss diff over {min(len(compiled), len(losses))} "
+                         f"steps {max_rel_diff(compiled, losses):.2e}")
+    ratio("ours_deepspeed_lever", "ours_deepspeed")
     return lines
 
 
@@ -365,12 +372,14 @@ def main():
     p.add_argument("--ours-overrides", type=json.loads, default={},
                    help="plan overrides (JSON) for the ours* variants, e.g. '{\"micro_batch_size\": 4}'")
     p.add_argument("--ds-config-override", type=json.loads, default={},
-                   help="merged into the ours_deepspeed* ds_config.json (levers), e.g. DeepSpeed's FusedAdam: "
+                   help="merged into the ours_deepspeed_lever variant's ds_config.json, e.g. DeepSpeed's FusedAdam: "
                         "'{\"optimizer\": {\"params\": {\"torch_adam\": false}}}', or "
                         "'{\"zero_optimization\": {\"stage3_prefetch_bucket_size\": 200000000}}'")
     p.add_argument("--ours-extra", default="", help="extra `python -m train` arguments for the ours* variants, "
                    "appended after the plan's (experiments beyond the plan, e.g. '--checkpoint_layers 40')")
     a = p.parse_args()
+    if a.ds_config_override and "ours_deepspeed_lever" not in (a.variants or "").split(","):
+        p.error("--ds-config-override is the config of the ours_deepspeed_lever variant: add it to --variants")
 
     os.makedirs(a.out, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -43,3 +43,43 @@ def test_a_run_past_its_budget_leaves_its_stack_in_the_log(tmp_path):
     text = log.read_text()
     assert "Fatal Python error: Aborted" in text and "waiting_for_something" in text
     assert run_child([sys.executable, "-c", "print('ok')"], str(log), timeout=30)[0] == 0
+
+
+def test_a_lever_is_measured_beside_the_planners_config(tmp_path, monkeypatch):
+    """--ds-config-override goes into ours_deepspeed_lever's config alone, so one call holds the planner's
+    ZeRO-3 config and the lever side by side, and the summary gives their ratio and loss difference."""
+    import shutil
+    from argparse import Namespace
+    from pathlib import Path
+
+    from bench import gpu_throughput
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copy(Path(__file__).parent / "data" / "models" / "Qwen2.5-1.5B.json", model_dir / "config.json")
+    monkeypatch.setattr(gpu_throughput, "gpu_facts", lambda: ("NVIDIA H200", 139.8))
+    a = Namespace(ours_overrides={}, ds_config_override={"optimizer": {"params": {"torch_adam": False}}})
+    plans = gpu_throughput.ours_plans(str(model_dir), gpu_throughput.WORKLOADS["w3"],
+                                      ["ours_deepspeed", "ours_deepspeed_lever"], a)
+    (plan, cfg, _), (lever_plan, lever_cfg, _) = plans["ours_deepspeed"], plans["ours_deepspeed_lever"]
+    assert plan.zero_stage == lever_plan.zero_stage == 3 and plan.compile == lever_plan.compile == "deepcompile"
+    assert cfg["optimizer"]["params"]["torch_adam"] is True
+    assert lever_cfg["optimizer"]["params"]["torch_adam"] is False
+    assert {k: v for k, v in lever_cfg.items() if k != "optimizer"} == {k: v for k, v in cfg.items() if k != "optimizer"}
+
+    res = {"ours_deepspeed": {"tokens_per_s": 40000.0, "losses": [12.25, 12.24]},
+           "ours_deepspeed_lever": {"tokens_per_s": 42000.0, "losses": [12.25, 12.2412]}}
+    lines = gpu_throughput.ratios("w3", res)
+    assert "ours_deepspeed_lever / ours_deepspeed = 1.05x" in lines
+    assert any(line.startswith("ours_deepspeed vs ours_deepspeed_lever: max rel loss diff over 2 steps") for line in lines)
+
+
+def test_an_override_without_the_lever_variant_is_refused(monkeypatch, capsys):
+    from bench import gpu_throughput
+
+    monkeypatch.setattr("sys.argv", ["gpu_throughput.py", "--workloads", "w3", "--variants", "ours_deepspeed",
+                                     "--ds-config-override", '{"optimizer": {"params": {"torch_adam": false}}}'])
+    with pytest.raises(SystemExit) as exc:
+        gpu_throughput.main()
+    assert exc.value.code == 2
+    assert "add it to --variants" in capsys.readouterr().err
