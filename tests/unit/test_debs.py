@@ -7,6 +7,8 @@ import pytest
 
 from ansible_collections.dsmesh.cluster.plugins.filter.debs import deb_files, deb_records
 
+FILES = Path(__file__).resolve().parents[2] / "roles" / "pdsh" / "files"
+
 INDEX = """Package: pdsh
 Version: 2.34-0.2
 Architecture: amd64
@@ -60,7 +62,7 @@ def test_a_plan_the_index_cannot_serve_is_an_error():
 
 def test_fetch_script_without_apt_says_which_variable_to_set(tmp_path):
     # A controller without apt (an empty PATH here): no network is touched, nothing is written.
-    script = Path(__file__).resolve().parents[2] / "roles" / "pdsh" / "files" / "fetch-debs.sh"
+    script = FILES / "fetch-debs.sh"
     (tmp_path / "bin").mkdir()
     proc = subprocess.run(["/bin/bash", str(script), str(tmp_path / "repo"), "pdsh"], capture_output=True, text=True,
                           env={"PATH": str(tmp_path / "bin")})
@@ -69,7 +71,7 @@ def test_fetch_script_without_apt_says_which_variable_to_set(tmp_path):
     assert not (tmp_path / "repo").exists()
 
 
-PACK = Path(__file__).resolve().parents[2] / "roles" / "pdsh" / "files" / "pack-debs.sh"
+PACK = FILES / "pack-debs.sh"
 
 
 def _pack(bundle, repo, *files):

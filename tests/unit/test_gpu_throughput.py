@@ -1,8 +1,13 @@
 """bench/gpu_throughput.py's steady tokens/s: the warm-up and the profiled steps left out (the W3 profile
 call on the H200 reported 15,975 tokens/s for steps that ran 39-41k, its profiled step at 3.1k)."""
 
-import pytest
+import shutil
+from argparse import Namespace
 
+import pytest
+from ds_testlib import DATA
+
+from bench import gpu_throughput
 from bench.gpu_throughput import profiled_steps, recompiles_at_step_6, run_child, steady_tokens_per_s
 
 
@@ -48,15 +53,9 @@ def test_a_run_past_its_budget_leaves_its_stack_in_the_log(tmp_path):
 def test_a_lever_is_measured_beside_the_planners_config(tmp_path, monkeypatch):
     """--ds-config-override goes into ours_deepspeed_lever's config alone, so one call holds the planner's
     ZeRO-3 config and the lever side by side, and the summary gives their ratio and loss difference."""
-    import shutil
-    from argparse import Namespace
-    from pathlib import Path
-
-    from bench import gpu_throughput
-
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    shutil.copy(Path(__file__).parent / "data" / "models" / "Qwen2.5-1.5B.json", model_dir / "config.json")
+    shutil.copy(DATA / "Qwen2.5-1.5B.json", model_dir / "config.json")
     monkeypatch.setattr(gpu_throughput, "gpu_facts", lambda: ("NVIDIA H200", 139.8))
     a = Namespace(ours_overrides={}, ds_config_override={"optimizer": {"params": {"torch_adam": False}}})
     plans = gpu_throughput.ours_plans(str(model_dir), gpu_throughput.WORKLOADS["w3"],
@@ -75,8 +74,6 @@ def test_a_lever_is_measured_beside_the_planners_config(tmp_path, monkeypatch):
 
 
 def test_an_override_without_the_lever_variant_is_refused(monkeypatch, capsys):
-    from bench import gpu_throughput
-
     monkeypatch.setattr("sys.argv", ["gpu_throughput.py", "--workloads", "w3", "--variants", "ours_deepspeed",
                                      "--ds-config-override", '{"optimizer": {"params": {"torch_adam": false}}}'])
     with pytest.raises(SystemExit) as exc:
