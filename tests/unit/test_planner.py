@@ -382,6 +382,17 @@ def test_config_overrides_merge_and_are_checked():
         build_ds_config(p, job, shape, {"train_micro_batch_size_per_gpu": p.micro_batch_size + 1})
 
 
+def test_an_override_to_deepspeeds_fused_adam_drops_torchs_fused_flag():
+    """`fused` is torch.optim.AdamW's argument; DeepSpeed's FusedAdam (torch_adam false) stops every rank
+    on it (TypeError: FusedAdam.__init__() got an unexpected keyword argument 'fused')."""
+    p, job, shape = _config()
+    assert build_ds_config(p, job, shape)["optimizer"]["params"]["fused"] is True
+    params = build_ds_config(p, job, shape, {"optimizer": {"params": {"torch_adam": False}}})["optimizer"]["params"]
+    assert params["torch_adam"] is False and "fused" not in params
+    with pytest.raises(PlanError, match="optimizer.params.fused"):
+        build_ds_config(p, job, shape, {"optimizer": {"params": {"torch_adam": False, "fused": True}}})
+
+
 class DataParallelOnly:
     """DeepSpeed's mpu interface, saying how many data-parallel ranks the config is for."""
 

@@ -94,6 +94,12 @@ def build_ds_config(p, job, model, config_overrides=None):
         cfg["compile"] = {"deepcompile": True}
     if config_overrides:
         _deep_merge(cfg, copy.deepcopy(config_overrides))
+        params = (cfg.get("optimizer") or {}).get("params") or {}
+        named = ((config_overrides.get("optimizer") or {}).get("params") or {})
+        if not params.get("torch_adam") and "fused" not in named:
+            # the plan's `fused` is torch.optim.AdamW's; an override that turns torch_adam off picks
+            # DeepSpeed's FusedAdam, which takes no such argument
+            params.pop("fused", None)
     validate_ds_config(cfg, p.world_size)
     return cfg
 
@@ -116,6 +122,10 @@ def validate_ds_config(cfg, world_size):
                         f"but train_batch_size is {total}")
     if cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled"):
         raise PlanError("ds_config enables both bf16 and fp16")
+    params = (cfg.get("optimizer") or {}).get("params") or {}
+    if "fused" in params and not params.get("torch_adam"):
+        raise PlanError("ds_config optimizer.params.fused is an argument of torch.optim.AdamW, which DeepSpeed "
+                        "uses only with optimizer.params.torch_adam true: set torch_adam true or drop fused")
 
 
 def trainer_args(cfg, p):
