@@ -23,8 +23,12 @@ Variants (each a fresh process, so peak memory is its own):
   ours_deepspeed       the plan with engine=deepspeed (and the workload's forced ZeRO stage): the planner's
                        ds_config.json; compiled as the plan says (DeepCompile for ZeRO-3)
   ours_deepspeed_eager the same plan with --compile none (the loss reference for the compiled run)
-  ours_deepspeed_lever the ours_deepspeed plan with --ds-config-override merged into its ds_config.json:
-                       a lever measured side by side with the planner's config in one call
+  ours_deepspeed_lever the ours_deepspeed plan with --ds-config-override merged into its ds_config.json
+                       and --lever-extra on its command line: a lever measured side by side with the
+                       planner's config in one call
+  ours_lever           the ours plan with --lever-extra, e.g. FlexAttention for packed rows
+                       (--ours-extra "--synthetic_example_length 512" --lever-extra
+                       "--attn_implementation flex_attention")
 
 Every ours* run is started twice with the same compile cache directories (its own, empty at the
 first start): the first start writes a checkpoint `--resume-steps` steps before the end, the second
@@ -120,14 +124,18 @@ def make_plan(model_dir, wl, overrides=None, config_overrides=None):
     return p, cfg, package_flags(planner.trainer_args(cfg, p))
 
 
+LEVERS = ("ours_lever", "ours_deepspeed_lever")
+
+
 def ours_plans(model_dir, wl, variants, a):
-    """The plan of each ours* variant: the torch engine for `ours`, DeepSpeed (the workload's ZeRO stage)
-    for `ours_deepspeed*`; `ours_deepspeed_eager` is the same plan uncompiled, `ours_deepspeed_lever` the
-    same plan with --ds-config-override in its config (the only variant that takes it)."""
+    """The plan of each ours* variant: the torch engine for `ours` and `ours_lever`, DeepSpeed (the
+    workload's ZeRO stage) for `ours_deepspeed*`; `ours_deepspeed_eager` is the same plan uncompiled,
+    `ours_deepspeed_lever` the same plan with --ds-config-override in its config (the only variant that
+    takes it)."""
     base = dict(wl.get("overrides") or {}, **a.ours_overrides)
     plans = {}
     for v in variants:
-        if v == "ours":  # (the torch engine has no ZeRO stage to force)
+        if v in ("ours", "ours_lever"):  # (the torch engine has no ZeRO stage to force)
             plans[v] = make_plan(model_dir, wl, dict({k: x for k, x in base.items() if k != "zero_stage"},
                                                      engine="torch"))
         elif v in ("ours_deepspeed", "ours_deepspeed_eager", "ours_deepspeed_lever"):
@@ -228,6 +236,12 @@ def steady_tokens_per_s(hist, warmup, skip=()):
     return interval_tokens_per_s(hist, {h["step"] for h in hist if h["step"] <= warmup} | set(skip))
 
 
+def extra_args(a, variant):
+    """The `python -m train` arguments after the plan's: --ours-extra for every ours* variant, then
+    --lever-extra for the lever variants alone (the later of two equal flags wins)."""
+    return shlex.split(a.ours_extra) + (shlex.split(a.lever_extra) if variant in LEVERS else [])
+
+
 def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path, budget, variant):
     """Two starts with the variant's own compile caches: cold, then cached (a resume from the first
     start's checkpoint, or a fresh 2-step run)."""
@@ -238,7 +252,7 @@ def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path
     if variant not in wl.get("second_start_variants", (variant,)):
         second = "none"
     save_at = steps - a.resume_steps if second == "resume" else None
-    cmd = ours_cmd(model_dir, wl, steps, a.seed, out_dir, plan, ds_cfg, argv + a.ours_extra.split(), work, variant)
+    cmd = ours_cmd(model_dir, wl, steps, a.seed, out_dir, plan, ds_cfg, argv + extra_args(a, variant), work, variant)
     cmd += ["--save_strategy", "steps", "--save_steps", str(save_at)] if save_at else ["--save_strategy", "no"]
     rc, wall, launched = run_child(cmd, log_path, budget.timeout(), env)
     hist = read_metrics(out_dir)
@@ -272,7 +286,7 @@ def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path
         r["resume_max_rel_loss_diff"] = max(abs(x - y) / abs(y) for x, y in pairs) if pairs else None
     else:
         fresh_dir = out_dir + "_fresh"
-        cmd2 = ours_cmd(model_dir, wl, 2, a.seed, fresh_dir, plan, ds_cfg, argv + a.ours_extra.split(), work, variant)
+        cmd2 = ours_cmd(model_dir, wl, 2, a.seed, fresh_dir, plan, ds_cfg, argv + extra_args(a, variant), work, variant)
         rc2, wall2, launched2 = run_child(cmd2 + ["--save_strategy", "no"], log_path, budget.timeout(), env)
         again = read_metrics(fresh_dir)
         r.update({"second_start": "fresh", "second_rc": rc2, "second_wall_s": wall2,
@@ -344,13 +358,14 @@ def ratios(name, res):
             x = r["cached_start_s"] / r["first_start_s"]
             lines.append(f"{v} cached start {r['cached_start_s']:.0f}s / first start {r['first_start_s']:.0f}s = "
                          f"{x:.2f} (target <= 0.5: {'met' if x <= 0.5 else 'NOT met'})")
-    compiled = res.get("ours_deepspeed", {}).get("losses")
-    for other in ("ours_deepspeed_eager", "ours_deepspeed_lever"):
-        losses = res.get(other, {}).get("losses")
-        if compiled and losses:
-            lines.append(f"ours_deepspeed vs {other}: max rel loss diff over {min(len(compiled), len(losses))} "
-                         f"steps {max_rel_diff(compiled, losses):.2e}")
+    for base, other in (("ours_deepspeed", "ours_deepspeed_eager"), ("ours_deepspeed", "ours_deepspeed_lever"),
+                        ("ours", "ours_lever")):
+        ref, losses = res.get(base, {}).get("losses"), res.get(other, {}).get("losses")
+        if ref and losses:
+            lines.append(f"{base} vs {other}: max rel loss diff over {min(len(ref), len(losses))} "
+                         f"steps {max_rel_diff(ref, losses):.2e}")
     ratio("ours_deepspeed_lever", "ours_deepspeed")
+    ratio("ours_lever", "ours")
     return lines
 
 
@@ -377,9 +392,14 @@ def main():
                         "'{\"zero_optimization\": {\"stage3_prefetch_bucket_size\": 200000000}}'")
     p.add_argument("--ours-extra", default="", help="extra `python -m train` arguments for the ours* variants, "
                    "appended after the plan's (experiments beyond the plan, e.g. '--checkpoint_layers 40')")
+    p.add_argument("--lever-extra", default="", help="extra `python -m train` arguments for the lever variants "
+                   f"alone ({', '.join(LEVERS)}), after --ours-extra, e.g. '--attn_implementation flex_attention'")
     a = p.parse_args()
-    if a.ds_config_override and "ours_deepspeed_lever" not in (a.variants or "").split(","):
+    chosen = (a.variants or "").split(",")
+    if a.ds_config_override and "ours_deepspeed_lever" not in chosen:
         p.error("--ds-config-override is the config of the ours_deepspeed_lever variant: add it to --variants")
+    if a.lever_extra and not set(LEVERS) & set(chosen):
+        p.error(f"--lever-extra goes to the lever variants ({', '.join(LEVERS)}): add one to --variants")
 
     os.makedirs(a.out, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

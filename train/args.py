@@ -79,6 +79,9 @@ class DataArguments:
         "help": "Pack several examples into each sequence (attention stays within each example)."})
     synthetic_samples: int = field(default=0, metadata={
         "help": "Train on this many random-token sequences of max_seq_length instead of files (benchmarks)."})
+    synthetic_example_length: int = field(default=0, metadata={
+        "help": "With --synthetic_samples: pack examples of this many tokens into each sequence, as --packing "
+                "packs real ones (attention within each example); 0: one example per sequence."})
 
 
 @dataclass
@@ -291,6 +294,9 @@ def preparse(argv=None):
         raise ConfigError("--output_dir is required (checkpoints, metrics and the final model go there)")
     if not raw.dataset and not raw.synthetic_samples:
         raise ConfigError("give --dataset FILE.jsonl (or --synthetic_samples N for a benchmark)")
+    if raw.synthetic_example_length < 0 or (raw.synthetic_example_length and not raw.synthetic_samples):
+        raise ConfigError(f"--synthetic_example_length {raw.synthetic_example_length}: give a positive number of "
+                          "tokens, with --synthetic_samples (real data is packed by --packing)")
     return {"parser": parser, "raw": raw, "argv": argv, "given": explicit_names(argv)}
 
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -299,6 +300,19 @@ def test_synthetic_rows_are_full_and_reproducible():
     a, b = ds[2], SyntheticDataset(4, 32, 100, seed=1)[2]
     assert (a["input_ids"] == b["input_ids"]).all() and len(a["input_ids"]) == 32
     assert a["input_ids"].max() < 100 and a["labels"][0] == IGNORE_INDEX
+    assert ds.one_sequence_per_row and (a["position_ids"] == np.arange(32)).all()
+
+
+def test_synthetic_rows_pack_examples_as_packing_lays_out_real_ones():
+    """Benchmarks of packed data: position_ids restart per example (transformers' block-diagonal mask)
+    and each example's first token has no loss, as in PackedDataset; the row stays full."""
+    ds = SyntheticDataset(4, 32, 100, seed=1, example_length=12)
+    row = ds[0]
+    assert not ds.one_sequence_per_row and ds.example_lengths == [12, 12, 8]
+    assert (row["position_ids"] == np.concatenate([np.arange(12), np.arange(12), np.arange(8)])).all()
+    assert [i for i, x in enumerate(row["labels"]) if x == IGNORE_INDEX] == [0, 12, 24]
+    assert (row["input_ids"] == SyntheticDataset(4, 32, 100, seed=1)[0]["input_ids"]).all()
+    assert SyntheticDataset(4, 32, 100, seed=1, example_length=32).one_sequence_per_row
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

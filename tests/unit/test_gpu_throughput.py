@@ -80,3 +80,30 @@ def test_an_override_without_the_lever_variant_is_refused(monkeypatch, capsys):
         gpu_throughput.main()
     assert exc.value.code == 2
     assert "add it to --variants" in capsys.readouterr().err
+
+
+def test_lever_extra_goes_to_the_lever_variants_alone(tmp_path, monkeypatch):
+    """--lever-extra (e.g. FlexAttention for packed rows) lands after --ours-extra on the lever variants'
+    command lines only, and ours_lever runs the torch engine's plan, so one call holds both."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copy(DATA / "Qwen2.5-1.5B.json", model_dir / "config.json")
+    monkeypatch.setattr(gpu_throughput, "gpu_facts", lambda: ("NVIDIA H200", 139.8))
+    a = Namespace(ours_overrides={}, ds_config_override={}, ours_extra="--synthetic_example_length 512",
+                  lever_extra="--attn_implementation flex_attention")
+    plans = gpu_throughput.ours_plans(str(model_dir), gpu_throughput.WORKLOADS["w1"], ["ours", "ours_lever"], a)
+    assert plans["ours"][0].label == plans["ours_lever"][0].label and plans["ours_lever"][0].engine == "torch"
+    assert gpu_throughput.extra_args(a, "ours") == ["--synthetic_example_length", "512"]
+    lever = gpu_throughput.extra_args(a, "ours_lever")
+    assert lever == ["--synthetic_example_length", "512", "--attn_implementation", "flex_attention"]
+    assert gpu_throughput.extra_args(a, "ours_deepspeed_lever") == lever
+    res = {"ours": {"tokens_per_s": 40000.0, "losses": [12.25]}, "ours_lever": {"tokens_per_s": 50000.0, "losses": [12.25]}}
+    assert "ours_lever / ours = 1.25x" in gpu_throughput.ratios("w1", res)
+
+
+def test_lever_extra_without_a_lever_variant_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["gpu_throughput.py", "--workloads", "w1", "--variants", "ours",
+                                     "--lever-extra", "--attn_implementation flex_attention"])
+    with pytest.raises(SystemExit) as exc:
+        gpu_throughput.main()
+    assert exc.value.code == 2 and "add one to --variants" in capsys.readouterr().err

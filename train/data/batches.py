@@ -102,12 +102,15 @@ class ExampleDataset(torch.utils.data.Dataset):
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
-    """Full rows of random token ids, for throughput benchmarks that must not read any data."""
+    """Full rows of random token ids, for throughput benchmarks that must not read any data. With
+    example_length, each row packs examples of that many tokens (the last one takes what is left), laid
+    out as PackedDataset lays out real ones: position_ids restart and no loss on each first token."""
 
-    one_sequence_per_row = True
-
-    def __init__(self, num_rows, max_seq_length, vocab_size, seed):
+    def __init__(self, num_rows, max_seq_length, vocab_size, seed, example_length=0):
         self.num_rows, self.length, self.vocab_size, self.seed = num_rows, max_seq_length, vocab_size, seed
+        n = example_length if 0 < example_length < max_seq_length else max_seq_length
+        self.example_lengths = [n] * (max_seq_length // n) + ([max_seq_length % n] if max_seq_length % n else [])
+        self.one_sequence_per_row = len(self.example_lengths) == 1
 
     def __len__(self):
         return self.num_rows
@@ -116,8 +119,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, i])
         input_ids = rng.integers(0, self.vocab_size, size=self.length, dtype=np.int64)
         labels = input_ids.copy()
-        labels[0] = IGNORE_INDEX
-        return {"input_ids": input_ids, "labels": labels, "position_ids": np.arange(self.length)}
+        starts = np.cumsum([0] + self.example_lengths[:-1])
+        labels[starts] = IGNORE_INDEX
+        position_ids = np.concatenate([np.arange(n) for n in self.example_lengths])
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
 class GlobalBatchOrder(torch.utils.data.Sampler):

@@ -60,10 +60,13 @@ def data_options(data_args):
 def build_datasets(data_args, tokenizer, model_dir, seed, vocab_size):
     max_len = data_args.max_seq_length
     if data_args.synthetic_samples:
-        train = SyntheticDataset(data_args.synthetic_samples, max_len, vocab_size, seed)
-        stats = DataStats(examples=len(train), rows=len(train), tokens=len(train) * max_len,
-                          trainable_tokens=len(train) * (max_len - 1))
-        return Datasets(train, None, stats, None, {"synthetic": [data_args.synthetic_samples, max_len]})
+        train = SyntheticDataset(data_args.synthetic_samples, max_len, vocab_size, seed,
+                                 data_args.synthetic_example_length)
+        per_row = len(train.example_lengths)
+        stats = DataStats(examples=len(train) * per_row, rows=len(train), tokens=len(train) * max_len,
+                          trainable_tokens=len(train) * (max_len - per_row))
+        synthetic = [data_args.synthetic_samples, max_len] + ([data_args.synthetic_example_length] if per_row > 1 else [])
+        return Datasets(train, None, stats, None, {"synthetic": synthetic})
 
     text_field = data_args.dataset_text_field
     check_text_field(text_field)
