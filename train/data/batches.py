@@ -111,6 +111,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
         n = example_length if 0 < example_length < max_seq_length else max_seq_length
         self.example_lengths = [n] * (max_seq_length // n) + ([max_seq_length % n] if max_seq_length % n else [])
         self.one_sequence_per_row = len(self.example_lengths) == 1
+        # every row has the same layout (the collator copies it into each batch)
+        self.starts = np.cumsum([0] + self.example_lengths[:-1])
+        self.position_ids = np.concatenate([np.arange(k) for k in self.example_lengths])
 
     def __len__(self):
         return self.num_rows
@@ -119,10 +122,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, i])
         input_ids = rng.integers(0, self.vocab_size, size=self.length, dtype=np.int64)
         labels = input_ids.copy()
-        starts = np.cumsum([0] + self.example_lengths[:-1])
-        labels[starts] = IGNORE_INDEX
-        position_ids = np.concatenate([np.arange(n) for n in self.example_lengths])
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        labels[self.starts] = IGNORE_INDEX
+        return {"input_ids": input_ids, "labels": labels, "position_ids": self.position_ids}
 
 
 class GlobalBatchOrder(torch.utils.data.Sampler):

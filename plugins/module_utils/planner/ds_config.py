@@ -80,10 +80,6 @@ def build_ds_config(p, job, model, config_overrides=None):
     }
     if not p.offload_optimizer:
         cfg["optimizer"]["params"]["torch_adam"] = True
-        if p.device == "gpu":
-            # torch's fused AdamW kernel on the fp32 partitions: DeepSpeed passes the params on to
-            # torch.optim.AdamW (the bare ZeRO-3 loop of the H200 measurements used it)
-            cfg["optimizer"]["params"]["fused"] = True
     if p.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif p.precision == "fp16":
@@ -94,12 +90,13 @@ def build_ds_config(p, job, model, config_overrides=None):
         cfg["compile"] = {"deepcompile": True}
     if config_overrides:
         _deep_merge(cfg, copy.deepcopy(config_overrides))
-        params = (cfg.get("optimizer") or {}).get("params") or {}
-        named = ((config_overrides.get("optimizer") or {}).get("params") or {})
-        if not params.get("torch_adam") and "fused" not in named:
-            # the plan's `fused` is torch.optim.AdamW's; an override that turns torch_adam off picks
-            # DeepSpeed's FusedAdam, which takes no such argument
-            params.pop("fused", None)
+    params = (cfg.get("optimizer") or {}).get("params") or {}
+    named = (((config_overrides or {}).get("optimizer") or {}).get("params") or {})
+    if p.device == "gpu" and params.get("torch_adam") and "fused" not in named:
+        # torch's fused AdamW kernel on the fp32 partitions: DeepSpeed passes the params on to
+        # torch.optim.AdamW (the bare ZeRO-3 loop of the H200 measurements used it); after the
+        # overrides, since DeepSpeed's own FusedAdam (torch_adam false) takes no such argument
+        params["fused"] = True
     validate_ds_config(cfg, p.world_size)
     return cfg
 
