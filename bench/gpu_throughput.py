@@ -266,9 +266,7 @@ def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path
     r["peak_reserved_gib"] = max(h.get("memory_reserved_gib") or 0 for h in hist[1:] or hist) or None
     with open(os.path.join(out_dir, "summary.json")) as f:
         r["package_mfu"] = json.load(f)["mfu"]
-    with open(log_path, errors="replace") as f:
-        r["log_lines"] = [line.strip() for line in f if line.startswith(("weights:", "compile:", "compile caches",
-                                                                           "compiled and ran"))]
+    r["log_lines"] = package_lines(log_path)
     if second == "none" or budget.timeout() < 60:
         r["second_start"] = "skipped" if second != "none" else "none"
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -292,8 +290,16 @@ def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path
         r.update({"second_start": "fresh", "second_rc": rc2, "second_wall_s": wall2,
                   "cached_start_s": again[0]["time"] - launched2 if again else None})
         shutil.rmtree(fresh_dir, ignore_errors=True)
+    r["second_log_lines"] = package_lines(log_path)[len(r["log_lines"]):]  # its compile line: what the caches gave
     shutil.rmtree(out_dir, ignore_errors=True)  # a 1.5B checkpoint is ~20 GB of the device's disk
     return r
+
+
+def package_lines(log_path):
+    """The training package's lines on weights, compiling and the compile caches, in a run's log."""
+    with open(log_path, errors="replace") as f:
+        return [line.strip() for line in f if line.startswith(("weights:", "compile:", "compile caches",
+                                                                "compiled and ran"))]
 
 
 def run_peer_variant(variant, wl, steps, warmup, a, work, model_dir, log_path, budget):
@@ -462,6 +468,8 @@ def main():
                   f" losses[:5]={[round(x, 4) for x in r.get('losses', [])[:5]]}", flush=True)
             for line in r.get("log_lines", []):
                 print(f"[{name}] {variant:<20}   {line}", flush=True)
+            for line in r.get("second_log_lines", []):
+                print(f"[{name}] {variant:<20}   second start: {line}", flush=True)
             if r["rc"] != 0 and r.get("error"):
                 print(r["error"], flush=True)
         peers = [res[v]["tokens_per_s"] for v in ("peer_ds3", "peer_plain") if res.get(v, {}).get("tokens_per_s")]

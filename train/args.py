@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ansible_collections.dsmesh.cluster.plugins.module_utils.trainer_fields import get_path, is_set, trainer_values
+from train.zero_grad_norm import NORMS
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,10 @@ class ModelArguments:
                 "selective unsharding in one compile at the first step. warmup: DeepSpeed's own schedule, "
                 "gather/release at the first step and a second compile at step 5 that adds prefetch and "
                 "unsharding (167 s + 192 s for Qwen2.5-1.5B on an H200)."})
+    zero_grad_norm: str = field(default="deepspeed", metadata={
+        "help": "How ZeRO-3 takes the gradient norm for clipping. deepspeed: DeepSpeed's own, each gradient "
+                "copied whole to fp64 first. foreach: torch's foreach norm accumulating in fp64 as it reads, no "
+                "copy (the same arithmetic)."})
     compile_regions: bool | None = field(default=None, metadata={
         "help": "Deprecated spelling of --compile regions."})
     master_weights: str = field(default="fp32", metadata={
@@ -389,6 +394,8 @@ def check_compile(model_args, training_args, ds_config, ds_source):
     if model_args.deepcompile_schedule not in DEEPCOMPILE_SCHEDULES:
         raise ConfigError(f"--deepcompile_schedule must be one of {', '.join(DEEPCOMPILE_SCHEDULES)}, "
                           f"got {model_args.deepcompile_schedule!r}")
+    if model_args.zero_grad_norm not in NORMS:
+        raise ConfigError(f"--zero_grad_norm must be one of {', '.join(NORMS)}, got {model_args.zero_grad_norm!r}")
     if model_args.compile_regions:
         if mode not in ("none", "regions"):
             raise ConfigError(f"--compile_regions (the old spelling of --compile regions) and --compile {mode} "

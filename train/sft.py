@@ -94,6 +94,7 @@ def train(pre, rank, local_rank, world_size, say, state):
         ProfileCallback,
         ProgressPrinter,
         SFTTrainer,
+        ZeroGradNormCallback,
         choose_engine_compile,
         deepcompile_schedule,
     )
@@ -159,7 +160,8 @@ def train(pre, rank, local_rank, world_size, say, state):
     phase.set("loading")
 
     modeling.prefer_sdpa_backend(model_args.sdpa_backend)
-    model = modeling.build_model(model_args, lora_args, training_args, tokenizer, datasets.one_sequence_per_row)
+    model = modeling.build_model(model_args, lora_args, training_args, tokenizer, datasets.one_sequence_per_row,
+                                 whole_model_compiled=engine_compile != "none")
     total_params, trainable_params = modeling.count_parameters(model)
     if model_args.compile == "regions":
         modeling.compile_regions(model)
@@ -213,12 +215,15 @@ def train(pre, rank, local_rank, world_size, say, state):
         trainer.add_callback(CheckpointLayersCallback(model_args.checkpoint_layers))
     if run_args.profile_steps:
         trainer.add_callback(ProfileCallback(run_args.profile_steps, output_dir))
+    if model_args.zero_grad_norm == "foreach" and zero == 3:
+        trainer.add_callback(ZeroGradNormCallback(trainer))
     engine_compiler = None
     if engine_compile != "none":
         engine_compiler = EngineCompileCallback(trainer, engine_compile, schedule)
         trainer.add_callback(engine_compiler)
     trainer.add_callback(PhaseCallback(phase, compiles,
-                                       lambda: engine_compiler.recompile_steps if engine_compiler else ()))
+                                       lambda: engine_compiler.recompile_steps if engine_compiler else (),
+                                       lambda: engine_compiler.profiles if engine_compiler else None))
     if writer is not None:
         trainer.add_callback(ProgressPrinter(writer))
 

@@ -150,11 +150,19 @@ class EngineCompileCallback(TrainerCallback):
         self.mode = mode
         self.schedule = schedule
         self.recompile_steps = ()
+        self.profiles = None  # the DeepCompile profiles recorded or replayed (train.deepcompile_cache)
 
     def on_train_begin(self, args, state, control, **kwargs):
         engine = self.trainer.model_wrapped
         if self.mode == "torch" and engine.is_deepcompile_enabled():
             engine._config.compile_config.deepcompile = False  # the fallback when DeepCompile cannot run
+        if self.mode == "deepcompile":
+            from train.deepcompile_cache import stable_deepcompile_graphs
+
+            self.profiles = stable_deepcompile_graphs()
+            if self.profiles is None and args.process_index == 0:
+                console()("DeepSpeed's DeepCompile is not the one this package knows: its graphs stay keyed by "
+                          "address and a relaunch compiles them again")
         engine.compile(schedule=self.schedule)
         if self.mode == "deepcompile":
             from collections import deque
@@ -166,14 +174,31 @@ class EngineCompileCallback(TrainerCallback):
             self.recompile_steps = tuple(step for step, _ in backend.remaining_schedule if step > start)
 
 
+class ZeroGradNormCallback(TrainerCallback):
+    """--zero_grad_norm foreach: ZeRO-3's gradient norm with torch's foreach kernels (train.zero_grad_norm),
+    installed on the engine's optimizer once DeepSpeed has built it."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from train.zero_grad_norm import use_foreach_grad_norm
+
+        optimizer = getattr(self.trainer.model_wrapped, "optimizer", None)
+        if not use_foreach_grad_norm(optimizer) and args.process_index == 0:
+            console()(f"--zero_grad_norm foreach: {type(optimizer).__name__} is not DeepSpeed's ZeRO-3 optimizer "
+                      "this package knows; its own gradient norm stays")
+
+
 class PhaseCallback(TrainerCallback):
     """phase.json through training: compiling until the first step ends (and again at DeepCompile's
     scheduled recompiles), training, saving while a checkpoint is written."""
 
-    def __init__(self, phase, compiles, recompile_steps=lambda: ()):
+    def __init__(self, phase, compiles, recompile_steps=lambda: (), profiles=lambda: None):
         self.phase = phase
         self.compiles = compiles
         self.recompile_steps = recompile_steps
+        self.profiles = profiles  # the ProfileRecord of DeepCompile's profiles, once compiling started
         self.first_step = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -189,7 +214,8 @@ class PhaseCallback(TrainerCallback):
             took = self.phase.elapsed()
             what = "first step" if state.global_step == self.first_step + 1 else f"step {state.global_step}"
             self.phase.set("training", state.global_step)
-            use = compile_cache_use()
+            record = self.profiles()
+            use = "; ".join(u for u in (compile_cache_use(), record.summary() if record else "") if u)
             console()(f"compiled and ran the {what} in {took:.0f}s" + (f" ({use})" if use else ""))
 
     def on_save(self, args, state, control, **kwargs):

@@ -206,6 +206,13 @@ def test_causal_sdpa_only_where_it_is_exact(tiny_dir, tmp_path):
     assert resolve_attn_implementation("sdpa", True, windowed) == "sdpa"
     other = AutoConfig.for_model("gemma3_text")  # a model type whose masks may carry more than causality
     assert resolve_attn_implementation("sdpa", True, other) == "sdpa"
+    # auto: on CUDA (without flash_attn) packed rows get FlexAttention's document mask, unless the whole
+    # model is compiled as one graph; rows of one example causal SDPA; the CPU plain SDPA
+    assert resolve_attn_implementation("auto", False, config, cuda=True) == "flex_attention"
+    assert resolve_attn_implementation("auto", False, config, cuda=True, whole_model_compiled=True) == "sdpa"
+    assert resolve_attn_implementation("auto", True, config, cuda=True) == CAUSAL_SDPA
+    assert resolve_attn_implementation("auto", False, other, cuda=True) == "sdpa"
+    assert resolve_attn_implementation("auto", False, config, cuda=False) == "sdpa"
     # the saved model says nothing of it: it loads with the stock implementations elsewhere
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), attn_implementation=CAUSAL_SDPA)
     model.save_pretrained(tmp_path / "saved")

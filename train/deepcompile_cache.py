@@ -1,0 +1,236 @@
+"""A relaunch of a DeepCompile plan finds its compiled graphs in Inductor's cache.
+
+DeepSpeed 0.19.8 makes every start's graphs differ from the last start's, so each relaunch compiles
+from scratch (W3 on the H200: 181 s with warm caches against 187 s cold):
+- it keys each graph by id(gm.graph), an address, and writes that key into the graph as an argument
+  of its gather, release and reduce ops;
+- its passes order gathers and group prefetches by what they profile at each start (operator times,
+  memory readings, all-gather times), so gathers of equal size come out in the order of that start's
+  timing noise.
+Here graphs are keyed by Dynamo's compile id, and the first start's profiles are recorded beside the
+compile caches. A later start of the same graphs (same code, ranks, device and versions) still runs
+DeepSpeed's profiler, then replays the recorded figures, so its passes build the same graphs and
+Inductor's cache serves them. Every rank replays or none does: ranks must agree on one schedule.
+"""
+
+import builtins
+import hashlib
+import inspect
+import json
+import os
+
+# DeepCompile graph keys from Dynamo's compile ids start here, far from any CPython object address
+GRAPH_KEY_BASE = 1 << 20
+
+# the per-node figures DeepSpeed's profilers write into node.meta and its passes read
+OPERATOR_FIELDS = ("device_time", "wall_time", "alloc_mem", "max_mem", "tensor_size", "profile_mem_start",
+                   "profile_mem_peak")
+MEMORY_FIELDS = ("profile_mem_start", "profile_mem_peak")
+WRAPPED = "_dsmesh_replays_profiles"
+
+
+def deepcompile_graph_key(obj):
+    """id() as DeepCompile's backend sees it: a graph Dynamo compiled is keyed by its compile id (frame,
+    recompile), the same number in every process that compiles the same frames in the same order;
+    anything else keeps its id(). Keys stay unique in a process: Dynamo never reuses a compile id."""
+    import torch.fx
+
+    if isinstance(obj, torch.fx.Graph) and obj.owning_module is not None:
+        cid = getattr(obj.owning_module, "meta", {}).get("dynamo_compile_id")
+        if cid is not None and cid.frame_id is not None and cid.compiled_autograd_id is None \
+                and 0 <= (cid.frame_compile_id or 0) < 1000:
+            return GRAPH_KEY_BASE + 1000 * cid.frame_id + (cid.frame_compile_id or 0)
+    return builtins.id(obj)
+
+
+class ProfileRecord:
+    """One JSON file per profiled graph under `directory`, named by a hash of what was profiled and
+    `salt` (versions, device, rank), written whole (temporary file, then rename)."""
+
+    def __init__(self, directory, salt):
+        self.directory = directory
+        self.salt = salt
+        self.replayed = 0
+        self.recorded = 0
+
+    def key(self, kind, text):
+        return hashlib.sha256(f"{self.salt}\n{kind}\n{text}".encode()).hexdigest()[:40]
+
+    def load(self, key):
+        try:
+            with open(os.path.join(self.directory, key + ".json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def save(self, key, data):
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, key + ".json")
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+        self.recorded += 1
+
+    def summary(self):
+        if not self.replayed + self.recorded:
+            return ""
+        return f"DeepCompile profiles: {self.replayed} replayed, {self.recorded} recorded"
+
+
+def node_figures(graph, fields):
+    """{node name: {field: value}} of the profiled figures in the graph's node.meta."""
+    return {n.name: {f: n.meta[f] for f in fields if f in n.meta} for n in graph.nodes}
+
+
+def fits(saved, graph):
+    """Whether a recorded profile names exactly the graph's nodes (else it is of another graph)."""
+    return saved is not None and set(saved.get("nodes", {})) == {n.name for n in graph.nodes}
+
+
+def apply_figures(graph, saved):
+    for n in graph.nodes:
+        n.meta.update(saved["nodes"][n.name])
+
+
+def all_ranks_agree(flag, process_group=None):
+    """flag on every rank (a MIN all-reduce); flag itself where no process group is up."""
+    import deepspeed.comm as dist
+
+    if not dist.is_initialized():
+        return bool(flag)
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        t = torch.tensor([1 if flag else 0], device=torch.device(get_accelerator().current_device()), dtype=torch.int)
+        dist.all_reduce(t, dist.ReduceOp.MIN, group=process_group)
+        return bool(t.item())
+
+
+def replaying_operator_profile(run, record, agree=all_ranks_agree):
+    """ProfilingInterpreter.run that replays a recorded profile of the same graph, or records this one."""
+
+    def wrapped(self, *args):
+        key = record.key("operators", self.module.code)
+        saved = record.load(key)
+        out = run(self, *args)
+        from deepspeed.compile.profilers.graph_profile import is_profile_incomplete
+
+        complete = not is_profile_incomplete(self.graph)
+        if agree(complete and fits(saved, self.graph), getattr(self, "process_group", None)):
+            apply_figures(self.graph, saved)
+            record.replayed += 1
+        elif complete:
+            record.save(key, {"nodes": node_figures(self.graph, OPERATOR_FIELDS)})
+        return out
+
+    setattr(wrapped, WRAPPED, True)
+    return wrapped
+
+
+def replaying_memory_profile(run, record, agree=all_ranks_agree):
+    """MemoryProfilingInterpreter.run likewise: its node figures and its mem_record."""
+
+    def wrapped(self, *args):
+        key = record.key("memory", self.module.code)
+        saved = record.load(key)
+        out = run(self, *args)
+        if agree(self.profile_complete and fits(saved, self.graph), getattr(self, "process_group", None)):
+            apply_figures(self.graph, saved)
+            self.mem_record = [tuple(r) for r in saved["mem_record"]]
+            record.replayed += 1
+        elif self.profile_complete:
+            record.save(key, {"nodes": node_figures(self.graph, MEMORY_FIELDS),
+                              "mem_record": [list(r) for r in self.mem_record]})
+        return out
+
+    setattr(wrapped, WRAPPED, True)
+    return wrapped
+
+
+def replaying_allgather_profile(run, record, world_size, agree=all_ranks_agree):
+    """comm_profile.run_all_gather (the all-gather times prefetching is planned on): every rank agrees
+    before it, since it is itself a collective that all or none must run."""
+
+    def wrapped(device, dtype, maxsize, *args, **kwargs):
+        key = record.key("allgather", f"{dtype} {maxsize} {args} {sorted(kwargs.items())} world {world_size}")
+        saved = record.load(key)
+        if agree(saved is not None and "results" in saved):
+            record.replayed += 1
+            return [tuple(r) for r in saved["results"]]
+        results = run(device, dtype, maxsize, *args, **kwargs)
+        record.save(key, {"results": [list(r) for r in results]})
+        return results
+
+    setattr(wrapped, WRAPPED, True)
+    return wrapped
+
+
+def profile_dir():
+    """Beside Inductor's own cache (TORCHINDUCTOR_CACHE_DIR, on each node's local disk in a cluster)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        base = cache_dir()
+    except ImportError:
+        import tempfile
+
+        base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "torchinductor")
+    return os.path.join(base, "deepcompile_profiles")
+
+
+def known_deepspeed():
+    """DeepSpeed's code this module patches, or None where it is not what this module knows."""
+    try:
+        from deepspeed.compile import backend
+        from deepspeed.compile.profilers import comm_profile, graph_profile
+    except ImportError:
+        return None
+    if "graph_id = id(gm.graph)" not in inspect.getsource(backend.make_backend):
+        return None
+    if not (hasattr(comm_profile, "run_all_gather") and hasattr(comm_profile, "profile_results")
+            and hasattr(graph_profile, "ProfilingInterpreter") and hasattr(graph_profile, "MemoryProfilingInterpreter")):
+        return None
+    return backend, comm_profile, graph_profile
+
+
+def stable_deepcompile_graphs(directory=None):
+    """Keys DeepCompile's graphs by compile id and replays recorded profiles; the ProfileRecord, or None
+    where DeepSpeed's code is not what this module knows (then nothing is changed)."""
+    found = known_deepspeed()
+    if found is None:
+        return None
+    backend, comm_profile, graph_profile = found
+    import deepspeed
+    import deepspeed.comm as dist
+    import torch
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    record = ProfileRecord(directory or profile_dir(),
+                           f"torch {torch.__version__} deepspeed {deepspeed.__version__} {device} rank {rank}/{world}")
+    backend.id = deepcompile_graph_key  # a module global shadows the builtin in that module only
+    for cls, wrap in ((graph_profile.ProfilingInterpreter, replaying_operator_profile),
+                      (graph_profile.MemoryProfilingInterpreter, replaying_memory_profile)):
+        run = getattr(cls.run, "__wrapped__", cls.run)
+        cls.run = wrap(run, record)
+        cls.run.__wrapped__ = run
+    run = getattr(comm_profile.run_all_gather, "__wrapped__", comm_profile.run_all_gather)
+    comm_profile.run_all_gather = replaying_allgather_profile(run, record, world)
+    comm_profile.run_all_gather.__wrapped__ = run
+    return record
+
+
+def restore_deepspeed():
+    """Undoes stable_deepcompile_graphs (tests)."""
+    found = known_deepspeed()
+    if found is None:
+        return
+    backend, comm_profile, graph_profile = found
+    backend.__dict__.pop("id", None)
+    for cls in (graph_profile.ProfilingInterpreter, graph_profile.MemoryProfilingInterpreter):
+        cls.run = getattr(cls.run, "__wrapped__", cls.run)
+    comm_profile.run_all_gather = getattr(comm_profile.run_all_gather, "__wrapped__", comm_profile.run_all_gather)
+
