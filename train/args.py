@@ -45,10 +45,10 @@ class ModelArguments:
                 "selective unsharding in one compile at the first step. warmup: DeepSpeed's own schedule, "
                 "gather/release at the first step and a second compile at step 5 that adds prefetch and "
                 "unsharding (167 s + 192 s for Qwen2.5-1.5B on an H200)."})
-    zero_grad_norm: str = field(default="deepspeed", metadata={
-        "help": "How ZeRO-3 takes the gradient norm for clipping. deepspeed: DeepSpeed's own, each gradient "
-                "copied whole to fp64 first. foreach: torch's foreach norm accumulating in fp64 as it reads, no "
-                "copy (the same arithmetic)."})
+    zero_grad_norm: str = field(default="foreach", metadata={
+        "help": "How ZeRO-3 takes the gradient norm for clipping. foreach: torch's foreach norm accumulating in "
+                "fp64 as it reads each gradient (W4 on an H200: 1.0125x the tokens/s). deepspeed: DeepSpeed's "
+                "own, each gradient copied whole to fp64 first; the same arithmetic."})
     compile_regions: bool | None = field(default=None, metadata={
         "help": "Deprecated spelling of --compile regions."})
     master_weights: str = field(default="fp32", metadata={

@@ -14,6 +14,7 @@ Inductor's cache serves them. Every rank replays or none does: ranks must agree 
 """
 
 import builtins
+import collections
 import hashlib
 import inspect
 import json
@@ -44,17 +45,23 @@ def deepcompile_graph_key(obj):
 
 
 class ProfileRecord:
-    """One JSON file per profiled graph under `directory`, named by a hash of what was profiled and
-    `salt` (versions, device, rank), written whole (temporary file, then rename)."""
+    """One JSON file per profile taken under `directory`, named by a hash of `salt` (versions, device,
+    rank), what was profiled and how many times this process profiled the same before: DeepSpeed
+    profiles a graph's memory again after a pass that left its code as it was (the state in between
+    changed), and each of those is replayed from its own counterpart. Written whole (temporary file,
+    then rename)."""
 
     def __init__(self, directory, salt):
         self.directory = directory
         self.salt = salt
         self.replayed = 0
         self.recorded = 0
+        self.taken = collections.Counter()
 
     def key(self, kind, text):
-        return hashlib.sha256(f"{self.salt}\n{kind}\n{text}".encode()).hexdigest()[:40]
+        """The key of the next profile of `text`: call once per profile taken."""
+        self.taken[kind, text] += 1
+        return hashlib.sha256(f"{self.salt}\n{kind}\n{self.taken[kind, text]}\n{text}".encode()).hexdigest()[:40]
 
     def load(self, key):
         try:

@@ -108,20 +108,20 @@ def test_a_second_start_replays_the_first_starts_profiles(tmp_path):
 def test_another_graph_or_a_disagreeing_rank_profiles_anew(tmp_path):
     """A recorded profile is replayed only for a graph with the same code and nodes, and only when
     every rank can replay (agree: the MIN all-reduce across ranks); else this start's figures stand."""
-    record = dcc.ProfileRecord(str(tmp_path), "salt")
-    op = dcc.replaying_operator_profile(Profiler.run, record)
-    op(Profiler(torch.fx.symbolic_trace(Layers(3))))
-    other = torch.fx.symbolic_trace(Layers(2))
-    op(Profiler(other))
-    assert (record.replayed, record.recorded) == (0, 2)
+    dcc.replaying_operator_profile(Profiler.run, dcc.ProfileRecord(str(tmp_path), "salt"))(
+        Profiler(torch.fx.symbolic_trace(Layers(3))))
+    other = dcc.ProfileRecord(str(tmp_path), "salt")
+    dcc.replaying_operator_profile(Profiler.run, other)(Profiler(torch.fx.symbolic_trace(Layers(2))))
+    assert (other.replayed, other.recorded) == (0, 1)
 
     gm = torch.fx.symbolic_trace(Layers(3))
-    refused = dcc.replaying_operator_profile(Profiler.run, record, agree=lambda flag, group=None: False)
-    refused(Profiler(gm))
-    assert (record.replayed, record.recorded) == (0, 3)  # a start that did not replay records its own
+    refused = dcc.ProfileRecord(str(tmp_path), "salt")
+    dcc.replaying_operator_profile(Profiler.run, refused, agree=lambda flag, group=None: False)(Profiler(gm))
+    assert (refused.replayed, refused.recorded) == (0, 1)  # a start that did not replay records its own
     recorded = figures(gm.graph)
-    dcc.replaying_operator_profile(Profiler.run, record)(Profiler(gm))
-    assert record.replayed == 1 and figures(gm.graph) == recorded
+    again = dcc.ProfileRecord(str(tmp_path), "salt")
+    dcc.replaying_operator_profile(Profiler.run, again)(Profiler(gm))
+    assert again.replayed == 1 and figures(gm.graph) == recorded
 
 
 def test_the_allgather_profile_is_replayed_without_running_it(tmp_path):
@@ -141,11 +141,31 @@ def test_the_allgather_profile_is_replayed_without_running_it(tmp_path):
     assert calls == [4, 4]
 
 
+def test_a_graph_profiled_twice_in_a_start_replays_each_profile_in_turn(tmp_path):
+    """DeepSpeed profiles memory again after a pass that kept the graph's code (what changed is the
+    state, e.g. parameters made persistent): within a start that is a new profile, not a replay, and
+    the next start replays the first and the second profile each as it was."""
+    runs = []
+    for _ in range(2):
+        record = dcc.ProfileRecord(str(tmp_path), "salt")
+        gm = torch.fx.symbolic_trace(Layers())
+        mem = dcc.replaying_memory_profile(MemoryProfiler.run, record)
+        taken = []
+        for _ in range(2):
+            mprof = MemoryProfiler(gm)
+            mem(mprof)
+            taken.append(mprof.mem_record)
+        runs.append((taken, record.replayed, record.recorded))
+    (first, replayed1, recorded1), (second, replayed2, recorded2) = runs
+    assert (replayed1, recorded1, replayed2, recorded2) == (0, 2, 2, 0)
+    assert second == first and first[0] != first[1]
+
+
 def test_a_broken_record_is_profiled_anew(tmp_path):
-    record = dcc.ProfileRecord(str(tmp_path), "salt")
     gm = torch.fx.symbolic_trace(Layers())
-    key = record.key("operators", gm.code)
+    key = dcc.ProfileRecord(str(tmp_path), "salt").key("operators", gm.code)
     (tmp_path / f"{key}.json").write_text("{not json")
+    record = dcc.ProfileRecord(str(tmp_path), "salt")
     dcc.replaying_operator_profile(Profiler.run, record)(Profiler(gm))
     assert (record.replayed, record.recorded) == (0, 1)
     assert dcc.fits(record.load(key), gm.graph)
