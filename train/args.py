@@ -45,6 +45,12 @@ class ModelArguments:
                 "selective unsharding in one compile at the first step. warmup: DeepSpeed's own schedule, "
                 "gather/release at the first step and a second compile at step 5 that adds prefetch and "
                 "unsharding (167 s + 192 s for Qwen2.5-1.5B on an H200)."})
+    deepcompile_profiles: str = field(default="rerun", metadata={
+        "help": "How a relaunch of a DeepCompile plan treats the profiles its first start recorded beside the "
+                "compile caches. rerun: DeepSpeed profiles again, then every rank replays the recorded figures, so "
+                "the passes build the same graphs and Inductor's cache serves them. reuse: the recorded figures "
+                "without profiling again (not yet measured on a GPU). fresh: DeepSpeed's own way, every start "
+                "profiles and compiles anew."})
     zero_grad_norm: str = field(default="foreach", metadata={
         "help": "How ZeRO-3 takes the gradient norm for clipping. foreach: torch's foreach norm accumulating in "
                 "fp64 as it reads each gradient (W4 on an H200: 1.0125x the tokens/s). deepspeed: DeepSpeed's "
@@ -366,6 +372,7 @@ def check_profile_steps(spec):
 
 COMPILE_MODES = ("regions", "deepcompile", "torch", "none")
 DEEPCOMPILE_SCHEDULES = ("first_step", "warmup")
+DEEPCOMPILE_PROFILES = ("rerun", "reuse", "fresh")
 MASTER_WEIGHTS = ("fp32", "none")
 
 
@@ -394,6 +401,9 @@ def check_compile(model_args, training_args, ds_config, ds_source):
     if model_args.deepcompile_schedule not in DEEPCOMPILE_SCHEDULES:
         raise ConfigError(f"--deepcompile_schedule must be one of {', '.join(DEEPCOMPILE_SCHEDULES)}, "
                           f"got {model_args.deepcompile_schedule!r}")
+    if model_args.deepcompile_profiles not in DEEPCOMPILE_PROFILES:
+        raise ConfigError(f"--deepcompile_profiles must be one of {', '.join(DEEPCOMPILE_PROFILES)}, "
+                          f"got {model_args.deepcompile_profiles!r}")
     if model_args.zero_grad_norm not in NORMS:
         raise ConfigError(f"--zero_grad_norm must be one of {', '.join(NORMS)}, got {model_args.zero_grad_norm!r}")
     if model_args.compile_regions:

@@ -219,7 +219,7 @@ def train(pre, rank, local_rank, world_size, say, state):
         trainer.add_callback(ZeroGradNormCallback(trainer))
     engine_compiler = None
     if engine_compile != "none":
-        engine_compiler = EngineCompileCallback(trainer, engine_compile, schedule)
+        engine_compiler = EngineCompileCallback(trainer, engine_compile, schedule, model_args.deepcompile_profiles)
         trainer.add_callback(engine_compiler)
     trainer.add_callback(PhaseCallback(phase, compiles,
                                        lambda: engine_compiler.recompile_steps if engine_compiler else (),

@@ -198,3 +198,27 @@ def test_installed_in_deepspeed_and_undone(tmp_path):
 @pytest.mark.parametrize("flag", [True, False])
 def test_one_process_agrees_with_itself(flag):
     assert dcc.all_ranks_agree(flag) is flag
+
+
+def test_reuse_replays_without_running_deepspeeds_profilers(tmp_path):
+    """--deepcompile_profiles reuse: a start whose every profile is recorded takes the figures and does
+    not run DeepSpeed's profilers; a profile not recorded yet is taken and recorded as with rerun."""
+    first = dcc.ProfileRecord(str(tmp_path), "salt")
+    gm = torch.fx.symbolic_trace(Layers())
+    prof, mprof = Profiler(gm), MemoryProfiler(gm)
+    dcc.replaying_operator_profile(Profiler.run, first)(prof)
+    dcc.replaying_memory_profile(MemoryProfiler.run, first)(mprof)
+    want, want_mem = figures(gm.graph), mprof.mem_record
+
+    reuse = dcc.ProfileRecord(str(tmp_path), "salt", rerun=False)
+    gm2 = torch.fx.symbolic_trace(Layers())
+    prof2, mprof2 = Profiler(gm2), MemoryProfiler(gm2)
+    assert dcc.replaying_operator_profile(Profiler.run, reuse)(prof2) is None
+    dcc.replaying_memory_profile(MemoryProfiler.run, reuse)(mprof2)
+    assert prof2.runs == 0 and mprof2.runs == 0
+    assert figures(gm2.graph) == want and mprof2.mem_record == want_mem and mprof2.profile_complete
+    assert reuse.summary() == "DeepCompile profiles: 2 replayed without running DeepSpeed's profiler, 0 recorded"
+
+    new = Profiler(torch.fx.symbolic_trace(Layers(2)))
+    assert dcc.replaying_operator_profile(Profiler.run, reuse)(new) == "out" and new.runs == 1
+    assert reuse.recorded == 1

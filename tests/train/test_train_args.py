@@ -149,6 +149,9 @@ DEEPCOMPILE = dict(PLANNED, compile={"deepcompile": True})
     (None, ["--master_weights", "bf16"], "must be fp32 or none"),
     (DEEPCOMPILE, ["--compile", "deepcompile", "--deepcompile_schedule", "late"],
      "--deepcompile_schedule must be one of first_step, warmup, got 'late'"),
+    (DEEPCOMPILE, ["--compile", "deepcompile", "--deepcompile_profiles", "keep"],
+     "--deepcompile_profiles must be one of rerun, reuse, fresh, got 'keep'"),
+    (DEEPCOMPILE, ["--zero_grad_norm", "fp64"], "--zero_grad_norm must be one of deepspeed, foreach, got 'fp64'"),
     (None, ["--master_weights", "none", "--bf16", "false"], "needs --bf16 true or --fp16 true"),
     (PLANNED, ["--master_weights", "none"], "DeepSpeed's bf16/fp16 modes always keep fp32 master weights"),
 ])
