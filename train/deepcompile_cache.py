@@ -18,7 +18,10 @@ import collections
 import hashlib
 import inspect
 import json
+import logging
 import os
+
+logger = logging.getLogger(__name__)
 
 # DeepCompile graph keys from Dynamo's compile ids start here, far from any CPython object address
 GRAPH_KEY_BASE = 1 << 20
@@ -58,6 +61,7 @@ class ProfileRecord:
         self.replayed = 0
         self.recorded = 0
         self.taken = collections.Counter()
+        self.unwritable = False
 
     def key(self, kind, text):
         """The key of the next profile of `text`: call once per profile taken."""
@@ -72,12 +76,20 @@ class ProfileRecord:
             return None
 
     def save(self, key, data):
-        os.makedirs(self.directory, exist_ok=True)
+        """Records a profile; a directory that cannot take it costs the next start its replay, not this run."""
         path = os.path.join(self.directory, key + ".json")
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            if not self.unwritable:
+                logger.warning("DeepCompile profiles not recorded in %s (%s): a relaunch compiles its graphs again",
+                               self.directory, e)
+            self.unwritable = True
+            return
         self.recorded += 1
 
     def summary(self):

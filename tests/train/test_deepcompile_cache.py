@@ -171,6 +171,15 @@ def test_a_broken_record_is_profiled_anew(tmp_path):
     assert dcc.fits(record.load(key), gm.graph)
 
 
+def test_a_directory_that_cannot_take_the_record_does_not_stop_the_run(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    record = dcc.ProfileRecord(str(blocker / "profiles"), "salt")  # a path under a file: not creatable
+    prof = Profiler(torch.fx.symbolic_trace(Layers()))
+    assert dcc.replaying_operator_profile(Profiler.run, record)(prof) == "out"
+    assert (record.recorded, record.unwritable) == (0, True)
+
+
 def test_installed_in_deepspeed_and_undone(tmp_path):
     """On DeepSpeed 0.19.8 the graph key and the three replaying profilers go in, and come out again;
     a DeepSpeed that no longer keys graphs by id(gm.graph) would be left alone (and this test says so)."""
