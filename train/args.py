@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ansible_collections.dsmesh.cluster.plugins.module_utils.trainer_fields import get_path, is_set, trainer_values
-from train.zero_grad_norm import NORMS
 
 
 class ConfigError(ValueError):
@@ -373,6 +372,7 @@ def check_profile_steps(spec):
 COMPILE_MODES = ("regions", "deepcompile", "torch", "none")
 DEEPCOMPILE_SCHEDULES = ("first_step", "warmup")
 DEEPCOMPILE_PROFILES = ("rerun", "reuse", "fresh")
+ZERO_GRAD_NORMS = ("deepspeed", "foreach")
 MASTER_WEIGHTS = ("fp32", "none")
 
 
@@ -404,8 +404,9 @@ def check_compile(model_args, training_args, ds_config, ds_source):
     if model_args.deepcompile_profiles not in DEEPCOMPILE_PROFILES:
         raise ConfigError(f"--deepcompile_profiles must be one of {', '.join(DEEPCOMPILE_PROFILES)}, "
                           f"got {model_args.deepcompile_profiles!r}")
-    if model_args.zero_grad_norm not in NORMS:
-        raise ConfigError(f"--zero_grad_norm must be one of {', '.join(NORMS)}, got {model_args.zero_grad_norm!r}")
+    if model_args.zero_grad_norm not in ZERO_GRAD_NORMS:
+        raise ConfigError(f"--zero_grad_norm must be one of {', '.join(ZERO_GRAD_NORMS)}, "
+                          f"got {model_args.zero_grad_norm!r}")
     if model_args.compile_regions:
         if mode not in ("none", "regions"):
             raise ConfigError(f"--compile_regions (the old spelling of --compile regions) and --compile {mode} "

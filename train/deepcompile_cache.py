@@ -130,53 +130,68 @@ def all_ranks_agree(flag, process_group=None):
         return bool(t.item())
 
 
-def replaying_operator_profile(run, record, agree=all_ranks_agree):
-    """ProfilingInterpreter.run that replays a recorded profile of the same graph, or records this one.
-    With record.rerun off a replay skips DeepSpeed's run (its outputs are not used: the passes read the
-    figures; the gathered parameters it would release are none)."""
+class OperatorProfile:
+    """What ProfilingInterpreter.run leaves behind: its figures in node.meta."""
+    kind, fields = "operators", OPERATOR_FIELDS
 
-    def wrapped(self, *args):
-        key = record.key("operators", self.module.code)
-        saved = record.load(key)
-        if not record.rerun and agree(fits(saved, self.graph), getattr(self, "process_group", None)):
-            apply_figures(self.graph, saved)
-            record.replayed += 1
-            return None
-        out = run(self, *args)
+    @staticmethod
+    def complete(interpreter):
         from deepspeed.compile.profilers.graph_profile import is_profile_incomplete
 
-        complete = not is_profile_incomplete(self.graph)
-        if agree(complete and fits(saved, self.graph), getattr(self, "process_group", None)):
-            apply_figures(self.graph, saved)
-            record.replayed += 1
-        elif complete:
-            record.save(key, {"nodes": node_figures(self.graph, OPERATOR_FIELDS)})
-        return out
+        return not is_profile_incomplete(interpreter.graph)
 
-    setattr(wrapped, WRAPPED, True)
-    return wrapped
+    @staticmethod
+    def state(interpreter):
+        return {}
+
+    @staticmethod
+    def restore(interpreter, saved):
+        pass
 
 
-def replaying_memory_profile(run, record, agree=all_ranks_agree):
-    """MemoryProfilingInterpreter.run likewise: its node figures and its mem_record."""
+class MemoryProfile:
+    """What MemoryProfilingInterpreter.run leaves behind: node figures and its mem_record."""
+    kind, fields = "memory", MEMORY_FIELDS
+
+    @staticmethod
+    def complete(interpreter):
+        return interpreter.profile_complete
+
+    @staticmethod
+    def state(interpreter):
+        return {"mem_record": [list(r) for r in interpreter.mem_record]}
+
+    @staticmethod
+    def restore(interpreter, saved):
+        interpreter.mem_record = [tuple(r) for r in saved["mem_record"]]
+        interpreter.profile_complete = True
+
+
+def replaying_profile(run, record, profile, agree=all_ranks_agree):
+    """An interpreter's run (OperatorProfile or MemoryProfile says which) that replays a recorded profile
+    of the same graph, or records this one. With record.rerun off a replay skips DeepSpeed's run (its
+    outputs are not used: the passes read the figures; the gathered parameters it would release are
+    none). Every rank takes the same branch: each agree() is a collective all of them reach."""
 
     def wrapped(self, *args):
-        key = record.key("memory", self.module.code)
+        key = record.key(profile.kind, self.module.code)
         saved = record.load(key)
-        if not record.rerun and agree(fits(saved, self.graph), getattr(self, "process_group", None)):
+        group = getattr(self, "process_group", None)
+
+        def replay():
             apply_figures(self.graph, saved)
-            self.mem_record = [tuple(r) for r in saved["mem_record"]]
-            self.profile_complete = True
+            profile.restore(self, saved)
             record.replayed += 1
+
+        if not record.rerun and agree(fits(saved, self.graph), group):
+            replay()
             return None
         out = run(self, *args)
-        if agree(self.profile_complete and fits(saved, self.graph), getattr(self, "process_group", None)):
-            apply_figures(self.graph, saved)
-            self.mem_record = [tuple(r) for r in saved["mem_record"]]
-            record.replayed += 1
-        elif self.profile_complete:
-            record.save(key, {"nodes": node_figures(self.graph, MEMORY_FIELDS),
-                              "mem_record": [list(r) for r in self.mem_record]})
+        complete = profile.complete(self)
+        if agree(complete and fits(saved, self.graph), group):
+            replay()
+        elif complete:
+            record.save(key, {"nodes": node_figures(self.graph, profile.fields), **profile.state(self)})
         return out
 
     setattr(wrapped, WRAPPED, True)
@@ -247,10 +262,10 @@ def stable_deepcompile_graphs(directory=None, rerun=True):
                            f"torch {torch.__version__} deepspeed {deepspeed.__version__} {device} rank {rank}/{world}",
                            rerun=rerun)
     backend.id = deepcompile_graph_key  # a module global shadows the builtin in that module only
-    for cls, wrap in ((graph_profile.ProfilingInterpreter, replaying_operator_profile),
-                      (graph_profile.MemoryProfilingInterpreter, replaying_memory_profile)):
+    for cls, profile in ((graph_profile.ProfilingInterpreter, OperatorProfile),
+                         (graph_profile.MemoryProfilingInterpreter, MemoryProfile)):
         run = getattr(cls.run, "__wrapped__", cls.run)
-        cls.run = wrap(run, record)
+        cls.run = replaying_profile(run, record, profile)
         cls.run.__wrapped__ = run
     run = getattr(comm_profile.run_all_gather, "__wrapped__", comm_profile.run_all_gather)
     comm_profile.run_all_gather = replaying_allgather_profile(run, record, world)

@@ -145,11 +145,11 @@ class EngineCompileCallback(TrainerCallback):
     resumed engine starts at the checkpoint's step, where no scheduled step would ever come, so the
     schedule is shifted to start there. `schedule`: deepcompile_schedule's, for mode deepcompile."""
 
-    def __init__(self, trainer, mode, schedule=None, profiles="rerun"):
+    def __init__(self, trainer, mode, schedule=None, profile_replay="rerun"):
         self.trainer = trainer
         self.mode = mode
         self.schedule = schedule
-        self.replay = profiles  # --deepcompile_profiles
+        self.profile_replay = profile_replay  # --deepcompile_profiles
         self.recompile_steps = ()
         self.profiles = None  # the DeepCompile profiles recorded or replayed (train.deepcompile_cache)
 
@@ -157,10 +157,10 @@ class EngineCompileCallback(TrainerCallback):
         engine = self.trainer.model_wrapped
         if self.mode == "torch" and engine.is_deepcompile_enabled():
             engine._config.compile_config.deepcompile = False  # the fallback when DeepCompile cannot run
-        if self.mode == "deepcompile" and self.replay != "fresh":
+        if self.mode == "deepcompile" and self.profile_replay != "fresh":
             from train.deepcompile_cache import stable_deepcompile_graphs
 
-            self.profiles = stable_deepcompile_graphs(rerun=self.replay == "rerun")
+            self.profiles = stable_deepcompile_graphs(rerun=self.profile_replay == "rerun")
             if self.profiles is None and args.process_index == 0:
                 console()("DeepSpeed's DeepCompile is not the one this package knows: its graphs stay keyed by "
                           "address and a relaunch compiles them again")

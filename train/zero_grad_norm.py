@@ -11,8 +11,6 @@ keep DeepSpeed's code.
 
 import types
 
-NORMS = ("deepspeed", "foreach")
-
 
 def foreach_norm_applies(optimizer, gradients, params, norm_type):
     """Whether the foreach path computes exactly what DeepSpeed's would sum (else DeepSpeed's runs)."""
@@ -39,8 +37,10 @@ def use_foreach_grad_norm(optimizer):
 
     original = getattr(optimizer, "get_grad_norm_direct", None)
     needed = ("_get_param_partition_group", "_assert_same_partition_group", "_autoep_expert_parallel_group")
-    if original is None or not all(hasattr(optimizer, n) for n in needed) or getattr(original, "foreach", False):
-        return bool(original is not None and getattr(original, "foreach", False))
+    if getattr(original, "foreach", False):
+        return True  # installed already
+    if original is None or not all(hasattr(optimizer, n) for n in needed):
+        return False
 
     def get_grad_norm_direct(self, gradients, params, norm_type=2):
         if not foreach_norm_applies(self, gradients, params, norm_type):

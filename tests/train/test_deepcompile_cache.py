@@ -92,8 +92,8 @@ def test_a_second_start_replays_the_first_starts_profiles(tmp_path):
     for _ in range(2):
         record = dcc.ProfileRecord(str(tmp_path), "salt")
         gm = torch.fx.symbolic_trace(Layers())
-        op = dcc.replaying_operator_profile(Profiler.run, record)
-        mem = dcc.replaying_memory_profile(MemoryProfiler.run, record)
+        op = dcc.replaying_profile(Profiler.run, record, dcc.OperatorProfile)
+        mem = dcc.replaying_profile(MemoryProfiler.run, record, dcc.MemoryProfile)
         prof, mprof = Profiler(gm), MemoryProfiler(gm)
         assert op(prof, torch.ones(4)) == "out" and prof.runs == 1  # DeepSpeed's profiler always runs
         ops = figures(gm.graph)
@@ -108,19 +108,19 @@ def test_a_second_start_replays_the_first_starts_profiles(tmp_path):
 def test_another_graph_or_a_disagreeing_rank_profiles_anew(tmp_path):
     """A recorded profile is replayed only for a graph with the same code and nodes, and only when
     every rank can replay (agree: the MIN all-reduce across ranks); else this start's figures stand."""
-    dcc.replaying_operator_profile(Profiler.run, dcc.ProfileRecord(str(tmp_path), "salt"))(
+    dcc.replaying_profile(Profiler.run, dcc.ProfileRecord(str(tmp_path), "salt"), dcc.OperatorProfile)(
         Profiler(torch.fx.symbolic_trace(Layers(3))))
     other = dcc.ProfileRecord(str(tmp_path), "salt")
-    dcc.replaying_operator_profile(Profiler.run, other)(Profiler(torch.fx.symbolic_trace(Layers(2))))
+    dcc.replaying_profile(Profiler.run, other, dcc.OperatorProfile)(Profiler(torch.fx.symbolic_trace(Layers(2))))
     assert (other.replayed, other.recorded) == (0, 1)
 
     gm = torch.fx.symbolic_trace(Layers(3))
     refused = dcc.ProfileRecord(str(tmp_path), "salt")
-    dcc.replaying_operator_profile(Profiler.run, refused, agree=lambda flag, group=None: False)(Profiler(gm))
+    dcc.replaying_profile(Profiler.run, refused, dcc.OperatorProfile, agree=lambda flag, group=None: False)(Profiler(gm))
     assert (refused.replayed, refused.recorded) == (0, 1)  # a start that did not replay records its own
     recorded = figures(gm.graph)
     again = dcc.ProfileRecord(str(tmp_path), "salt")
-    dcc.replaying_operator_profile(Profiler.run, again)(Profiler(gm))
+    dcc.replaying_profile(Profiler.run, again, dcc.OperatorProfile)(Profiler(gm))
     assert again.replayed == 1 and figures(gm.graph) == recorded
 
 
@@ -149,7 +149,7 @@ def test_a_graph_profiled_twice_in_a_start_replays_each_profile_in_turn(tmp_path
     for _ in range(2):
         record = dcc.ProfileRecord(str(tmp_path), "salt")
         gm = torch.fx.symbolic_trace(Layers())
-        mem = dcc.replaying_memory_profile(MemoryProfiler.run, record)
+        mem = dcc.replaying_profile(MemoryProfiler.run, record, dcc.MemoryProfile)
         taken = []
         for _ in range(2):
             mprof = MemoryProfiler(gm)
@@ -166,7 +166,7 @@ def test_a_broken_record_is_profiled_anew(tmp_path):
     key = dcc.ProfileRecord(str(tmp_path), "salt").key("operators", gm.code)
     (tmp_path / f"{key}.json").write_text("{not json")
     record = dcc.ProfileRecord(str(tmp_path), "salt")
-    dcc.replaying_operator_profile(Profiler.run, record)(Profiler(gm))
+    dcc.replaying_profile(Profiler.run, record, dcc.OperatorProfile)(Profiler(gm))
     assert (record.replayed, record.recorded) == (0, 1)
     assert dcc.fits(record.load(key), gm.graph)
 
@@ -176,7 +176,7 @@ def test_a_directory_that_cannot_take_the_record_does_not_stop_the_run(tmp_path)
     blocker.write_text("")
     record = dcc.ProfileRecord(str(blocker / "profiles"), "salt")  # a path under a file: not creatable
     prof = Profiler(torch.fx.symbolic_trace(Layers()))
-    assert dcc.replaying_operator_profile(Profiler.run, record)(prof) == "out"
+    assert dcc.replaying_profile(Profiler.run, record, dcc.OperatorProfile)(prof) == "out"
     assert (record.recorded, record.unwritable) == (0, True)
 
 
@@ -215,19 +215,19 @@ def test_reuse_replays_without_running_deepspeeds_profilers(tmp_path):
     first = dcc.ProfileRecord(str(tmp_path), "salt")
     gm = torch.fx.symbolic_trace(Layers())
     prof, mprof = Profiler(gm), MemoryProfiler(gm)
-    dcc.replaying_operator_profile(Profiler.run, first)(prof)
-    dcc.replaying_memory_profile(MemoryProfiler.run, first)(mprof)
+    dcc.replaying_profile(Profiler.run, first, dcc.OperatorProfile)(prof)
+    dcc.replaying_profile(MemoryProfiler.run, first, dcc.MemoryProfile)(mprof)
     want, want_mem = figures(gm.graph), mprof.mem_record
 
     reuse = dcc.ProfileRecord(str(tmp_path), "salt", rerun=False)
     gm2 = torch.fx.symbolic_trace(Layers())
     prof2, mprof2 = Profiler(gm2), MemoryProfiler(gm2)
-    assert dcc.replaying_operator_profile(Profiler.run, reuse)(prof2) is None
-    dcc.replaying_memory_profile(MemoryProfiler.run, reuse)(mprof2)
+    assert dcc.replaying_profile(Profiler.run, reuse, dcc.OperatorProfile)(prof2) is None
+    dcc.replaying_profile(MemoryProfiler.run, reuse, dcc.MemoryProfile)(mprof2)
     assert prof2.runs == 0 and mprof2.runs == 0
     assert figures(gm2.graph) == want and mprof2.mem_record == want_mem and mprof2.profile_complete
     assert reuse.summary() == "DeepCompile profiles: 2 replayed without running DeepSpeed's profiler, 0 recorded"
 
     new = Profiler(torch.fx.symbolic_trace(Layers(2)))
-    assert dcc.replaying_operator_profile(Profiler.run, reuse)(new) == "out" and new.runs == 1
+    assert dcc.replaying_profile(Profiler.run, reuse, dcc.OperatorProfile)(new) == "out" and new.runs == 1
     assert reuse.recorded == 1
