@@ -107,3 +107,25 @@ def test_lever_extra_without_a_lever_variant_is_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         gpu_throughput.main()
     assert exc.value.code == 2 and "add one to --variants" in capsys.readouterr().err
+
+
+def test_a_fresh_second_start_trains_the_first_starts_batches(tmp_path):
+    """The fresh second start (W4's, whose checkpoint would not fit the disk) gets the first start's
+    data, so its two losses check the cached start against the first (on the H200 its 16 examples
+    against the first start's 80 gave other batches: 12.9551 against 12.9583 at step 1)."""
+    from types import SimpleNamespace
+
+    from train.tiny_model import write_tiny
+
+    model_dir = write_tiny(str(tmp_path / "tiny"))
+    wl = {"global_batch": 2, "seq_len": 64, "finetune": "full", "second_start": "fresh"}
+    a = Namespace(second_start=None, resume_steps=2, seed=3, ours_extra="", lever_extra="")
+    argv = ["--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--bf16", "false"]
+    r = gpu_throughput.run_ours(model_dir, wl, 5, 1, a, str(tmp_path), SimpleNamespace(engine="torch"), None, argv,
+                                str(tmp_path / "run.log"), gpu_throughput.Budget(600, 600), "ours")
+    assert r["rc"] == 0 and r["second_rc"] == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert len(r["losses"]) == 5 and len(r["fresh_losses"]) == 2
+    assert r["fresh_max_rel_loss_diff"] < 1e-5, (r["losses"], r["fresh_losses"])
+    assert r["cached_start_s"] > 0
+    line = f"ours fresh second start vs first start: max rel loss diff {r['fresh_max_rel_loss_diff']:.2e}"
+    assert line in gpu_throughput.ratios("w3", {"ours": r})
