@@ -87,8 +87,7 @@ def main():
         log = os.path.join(out, f"start{i}.log")
         cmd = g.ours_cmd(model, wl, 3, 0, os.path.join(work, f"run{i}"), plan, cfg, argv, work, "ours_deepspeed")
         rc, wall, _ = g.run_child(cmd + ["--save_strategy", "no"], log, 240, env)
-        with open(log, errors="replace") as f:
-            said = [line.strip() for line in f if line.startswith(("compile caches", "compiled and ran"))]
+        said = g.package_lines(log, ("compile caches", "compiled and ran"))
         print(f"start {i}: rc={rc} {wall:.0f}s {said}", flush=True)
         logs.append(log)
     first, second = key_details(logs[0]), key_details(logs[1])

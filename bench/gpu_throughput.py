@@ -51,12 +51,14 @@ is printed last; every run's JSON goes to OUT/gpu_throughput.jsonl and OUT/summa
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 # Run as `python -m bench.gpu_throughput` from the repository root (bench/gpu.sh does): the planner
@@ -159,13 +161,25 @@ class Budget:
         return min(self.per_run, self.end - time.time() - RESERVE_S)
 
 
+LAUNCH_TIME = re.compile(r"^\[ *\d+\.\ds\] ")
+
+
+def copy_with_times(stream, log, t0):
+    """Each line of a run's output into its log after the seconds since launch: where a start spends its time."""
+    for line in iter(stream.readline, b""):
+        log.write(f"[{time.time() - t0:7.1f}s] ".encode() + line)
+        log.flush()
+
+
 def run_child(cmd, log_path, timeout, env=None):
     """A run that outlives its share of the budget is aborted with SIGABRT first: with faulthandler on,
     every thread's Python stack goes to its log (where it was: compiling, loading, waiting)."""
     t0 = time.time()
-    with open(log_path, "a") as log:
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
                                  env=dict(os.environ, PYTHONFAULTHANDLER="1", **(env or {})))
+        copier = threading.Thread(target=copy_with_times, args=(child.stdout, log, t0), daemon=True)
+        copier.start()
         try:
             rc = child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -176,6 +190,7 @@ def run_child(cmd, log_path, timeout, env=None):
                 child.kill()
                 child.wait()
             rc = "timeout"
+        copier.join(timeout=10)  # (a grandchild holding the pipe open must not hold the driver)
     return rc, time.time() - t0, t0
 
 
@@ -302,11 +317,15 @@ def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path
     return r
 
 
-def package_lines(log_path):
-    """The training package's lines on weights, compiling and the compile caches, in a run's log."""
+def log_lines(log_path):
+    """A run's log as the run printed it: each line without the launch time copy_with_times put before it."""
     with open(log_path, errors="replace") as f:
-        return [line.strip() for line in f if line.startswith(("weights:", "compile:", "compile caches",
-                                                                "compiled and ran"))]
+        return [LAUNCH_TIME.sub("", line, count=1).rstrip("\n") for line in f]
+
+
+def package_lines(log_path, starts=("weights:", "compile:", "compile caches", "compiled and ran")):
+    """The training package's lines on weights, compiling and the compile caches, in a run's log."""
+    return [line.strip() for line in log_lines(log_path) if line.startswith(starts)]
 
 
 def run_peer_variant(variant, wl, steps, warmup, a, work, model_dir, log_path, budget):

@@ -129,3 +129,15 @@ def test_a_fresh_second_start_trains_the_first_starts_batches(tmp_path):
     assert r["cached_start_s"] > 0
     line = f"ours fresh second start vs first start: max rel loss diff {r['fresh_max_rel_loss_diff']:.2e}"
     assert line in gpu_throughput.ratios("w3", {"ours": r})
+
+
+def test_a_runs_log_gives_each_line_its_time_since_launch(tmp_path):
+    """Where a start spends its time (W2's cached start: 35 s against 54, nothing in its log said where)."""
+    import sys
+
+    log = tmp_path / "run.log"
+    said = "import time\nprint('weights: fp32', flush=True)\ntime.sleep(1.2)\nprint('compiled and ran the first step in 1s')\n"
+    assert run_child([sys.executable, "-c", said], str(log), timeout=30)[0] == 0
+    stamps = [float(line.split("s]")[0].strip("[ ")) for line in log.read_text().splitlines()]
+    assert len(stamps) == 2 and stamps[1] - stamps[0] >= 1.1
+    assert gpu_throughput.package_lines(str(log)) == ["weights: fp32", "compiled and ran the first step in 1s"]
