@@ -8,9 +8,11 @@ from scratch (W3 on the H200: 181 s with warm caches against 187 s cold):
   memory readings, all-gather times), so gathers of equal size come out in the order of that start's
   timing noise.
 Here graphs are keyed by Dynamo's compile id, and the first start's profiles are recorded beside the
-compile caches. A later start of the same graphs (same code, ranks, device and versions) still runs
-DeepSpeed's profiler, then replays the recorded figures, so its passes build the same graphs and
-Inductor's cache serves them. Every rank replays or none does: ranks must agree on one schedule.
+compile caches. A later start of the same graphs (same code, ranks, device and versions) replays the
+recorded figures, without running DeepSpeed's profiler (reuse) or after it (rerun), so its passes build
+the same graphs and Inductor's cache serves them. Every rank replays or none does: ranks must agree on
+one schedule. Skipping the profiler changes nothing else: DeepSpeed runs it in profiling mode on a
+forked RNG and frees what it gathered.
 """
 
 import builtins

@@ -145,7 +145,7 @@ class EngineCompileCallback(TrainerCallback):
     resumed engine starts at the checkpoint's step, where no scheduled step would ever come, so the
     schedule is shifted to start there. `schedule`: deepcompile_schedule's, for mode deepcompile."""
 
-    def __init__(self, trainer, mode, schedule=None, profile_replay="rerun"):
+    def __init__(self, trainer, mode, schedule=None, profile_replay="reuse"):
         self.trainer = trainer
         self.mode = mode
         self.schedule = schedule
