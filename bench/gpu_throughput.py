@@ -297,8 +297,8 @@ def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path
                   "cached_start_s": again[0]["time"] - launched2 if again else None,
                   "resumed_losses": [h["loss"] for h in again]})
         ref = {h["step"]: h["loss"] for h in hist}
-        pairs = [(h["loss"], ref[h["step"]]) for h in again if h["step"] in ref]
-        r["resume_max_rel_loss_diff"] = max(abs(x - y) / abs(y) for x, y in pairs) if pairs else None
+        same_steps = [h for h in again if h["step"] in ref]
+        r["resume_max_rel_loss_diff"] = max_rel_diff([h["loss"] for h in same_steps], [ref[h["step"]] for h in same_steps])
     else:
         # the first start's data: its first two steps see the same batches after the same updates (both
         # start at the full learning rate), so their losses check the cached graphs and replayed profiles
