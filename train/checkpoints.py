@@ -59,7 +59,9 @@ def marker_fields(args):
     global ranks whose files are in it (this node's, or all of them on shared storage)."""
     world = args.world_size
     if args.save_on_each_node:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
+        from train.distributed import ranks_per_node
+
+        local = ranks_per_node(default=world)
         first = args.process_index - args.local_process_index
         ranks = list(range(first, min(first + local, world)))
     else:

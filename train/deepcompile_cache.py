@@ -258,11 +258,14 @@ def stable_deepcompile_graphs(directory=None, rerun=True):
     import deepspeed.comm as dist
     import torch
 
+    from train.distributed import ranks_per_node
+
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    # the all-gather timings are the layout's: 16 ranks on 2 nodes time otherwise than on 4
+    layout = f"rank {rank}/{world}, {ranks_per_node(default=world)} per node"
     record = ProfileRecord(directory or profile_dir(),
-                           f"torch {torch.__version__} deepspeed {deepspeed.__version__} {device} rank {rank}/{world}",
-                           rerun=rerun)
+                           f"torch {torch.__version__} deepspeed {deepspeed.__version__} {device} {layout}", rerun=rerun)
     backend.id = deepcompile_graph_key  # a module global shadows the builtin in that module only
     for cls, profile in ((graph_profile.ProfilingInterpreter, OperatorProfile),
                          (graph_profile.MemoryProfilingInterpreter, MemoryProfile)):

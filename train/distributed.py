@@ -14,6 +14,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def ranks_per_node(default=1):
+    """This node's ranks, as the deepspeed launcher (LOCAL_SIZE) or torchrun (LOCAL_WORLD_SIZE) says."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or default)
+
+
 def prepare_environment(use_deepspeed):
     """Before anything touches torch.distributed. Returns (rank, local_rank, world_size)."""
     if use_deepspeed and "RANK" not in os.environ:
@@ -34,8 +39,7 @@ def prepare_environment(use_deepspeed):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if "OMP_NUM_THREADS" not in os.environ:
             # ranks on one host share its cores; oversubscribing made ZeRO-3 4x slower
-            local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_per_node()))
     return rank, local_rank, world_size
 
 
