@@ -89,13 +89,12 @@ def train(pre, rank, local_rank, world_size, say, state):
     from train.trainer import (
         CheckpointCallback,
         CheckpointLayersCallback,
-        EngineCompileCallback,
-        PhaseCallback,
         ProfileCallback,
         ProgressPrinter,
         SFTTrainer,
         ZeroGradNormCallback,
         choose_engine_compile,
+        compile_callbacks,
         deepcompile_schedule,
     )
 
@@ -217,13 +216,9 @@ def train(pre, rank, local_rank, world_size, say, state):
         trainer.add_callback(ProfileCallback(run_args.profile_steps, output_dir))
     if model_args.zero_grad_norm == "foreach" and zero == 3:
         trainer.add_callback(ZeroGradNormCallback(trainer))
-    engine_compiler = None
-    if engine_compile != "none":
-        engine_compiler = EngineCompileCallback(trainer, engine_compile, schedule, model_args.deepcompile_profiles)
-        trainer.add_callback(engine_compiler)
-    trainer.add_callback(PhaseCallback(phase, compiles,
-                                       lambda: engine_compiler.recompile_steps if engine_compiler else (),
-                                       lambda: engine_compiler.profiles if engine_compiler else None))
+    for callback in compile_callbacks(trainer, phase, compiles, engine_compile, schedule,
+                                      model_args.deepcompile_profiles):
+        trainer.add_callback(callback)
     if writer is not None:
         trainer.add_callback(ProgressPrinter(writer))
 

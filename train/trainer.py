@@ -164,6 +164,11 @@ class EngineCompileCallback(TrainerCallback):
             if self.profiles is None and args.process_index == 0:
                 console()("DeepSpeed's DeepCompile is not the one this package knows: its graphs stay keyed by "
                           "address and a relaunch compiles them again")
+        if self.mode == "deepcompile":
+            took = load_deepcompile_op()
+            if args.process_index == 0:
+                console()(f"DeepSpeed's DeepCompile op loaded in {took:.0f}s (JIT-built at a node's first DeepCompile start, "
+                          f"then kept under TORCH_EXTENSIONS_DIR={os.environ.get('TORCH_EXTENSIONS_DIR', '~/.cache/torch_extensions')})")
         engine.compile(schedule=self.schedule)
         if self.mode == "deepcompile":
             from collections import deque
@@ -189,6 +194,28 @@ class ZeroGradNormCallback(TrainerCallback):
         if not use_foreach_grad_norm(optimizer) and args.process_index == 0:
             console()(f"--zero_grad_norm foreach: {type(optimizer).__name__} is not DeepSpeed's ZeRO-3 optimizer "
                       "this package knows; its own gradient norm stays")
+
+
+def load_deepcompile_op():
+    """Seconds to load DeepSpeed's DeepCompile op (engine.compile() would load it silently: on the H200 a
+    first start spent 45-60 s there, before its compile began)."""
+    from deepspeed.compile.util import get_deepcompile_handle
+
+    t0 = time.time()
+    get_deepcompile_handle()
+    return time.time() - t0
+
+
+def compile_callbacks(trainer, phase, compiles, engine_compile, schedule=None, profile_replay="reuse"):
+    """The callbacks that compile and say so, in the order they must run: the phase turns to compiling
+    first, so the DeepSpeed engine's compile (its op's build included) counts as compiling."""
+    engine_compiler = None
+    if engine_compile != "none":
+        engine_compiler = EngineCompileCallback(trainer, engine_compile, schedule, profile_replay)
+    phase_callback = PhaseCallback(phase, compiles,
+                                   lambda: engine_compiler.recompile_steps if engine_compiler else (),
+                                   lambda: engine_compiler.profiles if engine_compiler else None)
+    return [phase_callback] + ([engine_compiler] if engine_compiler else [])
 
 
 class PhaseCallback(TrainerCallback):
