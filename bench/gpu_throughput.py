@@ -323,8 +323,9 @@ def log_lines(log_path):
         return [LAUNCH_TIME.sub("", line, count=1).rstrip("\n") for line in f]
 
 
-def package_lines(log_path, starts=("weights:", "compile:", "compile caches", "compiled and ran")):
-    """The training package's lines on weights, compiling and the compile caches, in a run's log."""
+def package_lines(log_path, starts=("weights:", "compile:", "compile caches", "DeepSpeed's DeepCompile op",
+                                   "compiled and ran")):
+    """The training package's lines on weights, compiling, DeepSpeed's op and the compile caches, in a run's log."""
     return [line.strip() for line in log_lines(log_path) if line.startswith(starts)]
 
 
