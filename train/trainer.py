@@ -157,18 +157,18 @@ class EngineCompileCallback(TrainerCallback):
         engine = self.trainer.model_wrapped
         if self.mode == "torch" and engine.is_deepcompile_enabled():
             engine._config.compile_config.deepcompile = False  # the fallback when DeepCompile cannot run
-        if self.mode == "deepcompile" and self.profile_replay != "fresh":
-            from train.deepcompile_cache import stable_deepcompile_graphs
-
-            self.profiles = stable_deepcompile_graphs(rerun=self.profile_replay == "rerun")
-            if self.profiles is None and args.process_index == 0:
-                console()("DeepSpeed's DeepCompile is not the one this package knows: its graphs stay keyed by "
-                          "address and a relaunch compiles them again")
         if self.mode == "deepcompile":
-            took = load_deepcompile_op()
+            if self.profile_replay != "fresh":
+                from train.deepcompile_cache import stable_deepcompile_graphs
+
+                self.profiles = stable_deepcompile_graphs(rerun=self.profile_replay == "rerun")
+                if self.profiles is None and args.process_index == 0:
+                    console()("DeepSpeed's DeepCompile is not the one this package knows: its graphs stay keyed by "
+                              "address and a relaunch compiles them again")
+            took, where = load_deepcompile_op()
             if args.process_index == 0:
-                console()(f"DeepSpeed's DeepCompile op loaded in {took:.0f}s (JIT-built at a node's first DeepCompile start, "
-                          f"then kept under TORCH_EXTENSIONS_DIR={os.environ.get('TORCH_EXTENSIONS_DIR', '~/.cache/torch_extensions')})")
+                console()(f"DeepSpeed's DeepCompile op loaded in {took:.0f}s (JIT-built at a node's first DeepCompile "
+                          f"start, then kept under {where})")
         engine.compile(schedule=self.schedule)
         if self.mode == "deepcompile":
             from collections import deque
@@ -197,13 +197,15 @@ class ZeroGradNormCallback(TrainerCallback):
 
 
 def load_deepcompile_op():
-    """Seconds to load DeepSpeed's DeepCompile op (engine.compile() would load it silently: on the H200 a
-    first start spent 45-60 s there, before its compile began)."""
+    """(seconds, build directory) of loading DeepSpeed's DeepCompile op (engine.compile() would load it
+    silently: on the H200 a first start spent 45-60 s there, before its compile began). DeepSpeed builds
+    its ops under torch's extension root (TORCH_EXTENSIONS_DIR, else torch's default)."""
     from deepspeed.compile.util import get_deepcompile_handle
+    from torch.utils.cpp_extension import get_default_build_root
 
     t0 = time.time()
     get_deepcompile_handle()
-    return time.time() - t0
+    return time.time() - t0, get_default_build_root()
 
 
 def compile_callbacks(trainer, phase, compiles, engine_compile, schedule=None, profile_replay="reuse"):
