@@ -70,6 +70,7 @@ def changed_lines(diff):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="gpu_bench")
+    from ansible_collections.dsmesh.cluster.plugins.module_utils.rank_env import compile_cache_env
     from bench import gpu_throughput as g
     from train.tiny_model import PRESETS, write_config_only
 
@@ -80,8 +81,7 @@ def main():
     model = os.path.join(work, "model")
     write_config_only(model, dict(PRESETS["qwen2.5-0.5b"], num_hidden_layers=2), 0, n_train=64)
     plan, cfg, argv = g.make_plan(model, wl, {"zero_stage": 3, "engine": "deepspeed"})
-    env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor"), "TRITON_CACHE_DIR": os.path.join(work, "triton"),
-           "TORCH_LOGS": "+torch._inductor.codecache"}
+    env = dict(compile_cache_env(work), TORCH_LOGS="+torch._inductor.codecache")
     logs = []
     for i in (1, 2):
         log = os.path.join(out, f"start{i}.log")

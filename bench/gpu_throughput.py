@@ -262,8 +262,9 @@ def extra_args(a, variant):
 def run_ours(model_dir, wl, steps, warmup, a, work, plan, ds_cfg, argv, log_path, budget, variant):
     """Two starts with the variant's own compile caches: cold, then cached (a resume from the first
     start's checkpoint, or a fresh 2-step run)."""
-    cache = os.path.join(work, "cache", variant)
-    env = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor"), "TRITON_CACHE_DIR": os.path.join(cache, "triton")}
+    from ansible_collections.dsmesh.cluster.plugins.module_utils.rank_env import compile_cache_env
+
+    env = compile_cache_env(os.path.join(work, "cache", variant))  # the launch's node-local caches
     out_dir = os.path.join(work, f"run_{variant}")
     second = a.second_start or wl["second_start"]
     if variant not in wl.get("second_start_variants", (variant,)):

@@ -152,13 +152,22 @@ def prefix_env(prefix, kind="venv"):
     return env
 
 
+def compile_cache_env(cache_dir):
+    """The variables that keep a start's compiled work under `cache_dir` (each node's local disk), so a
+    relaunch of the same plan reuses it: Inductor's graphs, Triton's kernels, and Python's bytecode
+    where the interpreter writes none (train.bytecode reads TRAIN_PYCACHE_DIR)."""
+    base = cache_dir.rstrip("/")
+    return OrderedDict(TORCHINDUCTOR_CACHE_DIR=base + "/inductor", TRITON_CACHE_DIR=base + "/triton",
+                       TRAIN_PYCACHE_DIR=base + "/pycache")
+
+
 def build_env(user_vars=None, venv=None, omp_num_threads=1, hf_home=None, torch_extensions_dir=None,
               interfaces=None, compile_cache_dir=None, prefix_kind="venv"):
     """Ordered variables: what remote ranks need, then the user's (the user's win).
 
     venv: the training environment's prefix (a virtualenv, a conda env: prefix_kind).
-    compile_cache_dir: a directory on each node's local disk for torch.compile's caches (Inductor's
-    graphs and Triton's kernels), so a relaunch of the same plan reuses the first start's compilation."""
+    compile_cache_dir: a directory on each node's local disk for the compile caches (compile_cache_env),
+    so a relaunch of the same plan reuses the first start's compilation."""
     env = OrderedDict()
     if venv:
         env.update(prefix_env(venv, prefix_kind))
@@ -168,8 +177,7 @@ def build_env(user_vars=None, venv=None, omp_num_threads=1, hf_home=None, torch_
     if torch_extensions_dir:
         env["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir
     if compile_cache_dir:
-        env["TORCHINDUCTOR_CACHE_DIR"] = compile_cache_dir.rstrip("/") + "/inductor"
-        env["TRITON_CACHE_DIR"] = compile_cache_dir.rstrip("/") + "/triton"
+        env.update(compile_cache_env(compile_cache_dir))
     ifname = nccl_socket_ifname(interfaces)
     if ifname:
         env["NCCL_SOCKET_IFNAME"] = ifname

@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,9 @@ from ansible_collections.dsmesh.cluster.plugins.module_utils.rank_env import (
     parse_ip_addr,
     render_env,
 )
+from train.bytecode import PYCACHE_DIR_ENV
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # `ip -o addr show` on a machine with podman bridges (captured on the CI machine).
 IP_ADDR = """\
@@ -122,11 +126,14 @@ def test_deepspeed_runner_exports_the_file_on_remote_ranks(tmp_path):
     pdsh.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {record}\n")
     pdsh.chmod(pdsh.stat().st_mode | stat.S_IEXEC)
     (launch / "hostfile").write_text("172.16.80.33 slots=8\n172.16.80.31 slots=8\n")
+    cache = tmp_path / "cache"
     env_vars = build_env(user_vars={"WANDB_MODE": "offline"}, venv="/opt/ds-venv", omp_num_threads=12,
                          hf_home="/root/.cache/huggingface", torch_extensions_dir="/root/.cache/torch_extensions",
-                         interfaces=["bond0", "ens5"])
+                         interfaces=["bond0", "ens5"], compile_cache_dir=str(cache))
     (launch / ".deepspeed_env").write_text(render_env(env_vars))
-    run_env = dict(os.environ, HOME=str(home), PATH=str(fakebin) + os.pathsep + os.environ["PATH"])
+    # the image's setting, which the runner exports to remote ranks too (PYTHON* variables), before the file's
+    run_env = dict(os.environ, HOME=str(home), PATH=str(fakebin) + os.pathsep + os.environ["PATH"],
+                   PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", "hostfile",
                            "--launcher", "pdsh", "--master_addr", "172.16.80.33", "--no_ssh_check",
                            "train.py", "--deepspeed", "ds_config.json"],
@@ -139,3 +146,24 @@ def test_deepspeed_runner_exports_the_file_on_remote_ranks(tmp_path):
         quoted = value if all(c.isalnum() or c in "_@%+=:,./-" for c in value) else f'"{value}"'
         assert f"export {key}={quoted};" in remote
     assert "--master_addr=172.16.80.33" in remote
+    # what a remote rank's Python does with those exports (the image's PYTHONDONTWRITEBYTECODE among them):
+    # the training package writes its bytecode under the node's cache
+    exports = remote[remote.index("export "):remote.index(" cd ")]
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / "rank_module.py").write_text("X = 1\n")
+    probe = (f"{exports} cd {tmp_path / 'mod'}; PYTHONPATH={ROOT}:$PYTHONPATH {sys.executable} -c "
+             "'import sys; from train.bytecode import keep_bytecode; keep_bytecode(); import rank_module; "
+             "print(sys.dont_write_bytecode, sys.pycache_prefix)'")
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", str(cache / "pycache")]
+    assert list((cache / "pycache").rglob("rank_module.*.pyc"))
+    assert not (tmp_path / "mod" / "__pycache__").exists()
+
+
+def test_compile_caches_on_the_node_disk():
+    env = build_env(compile_cache_dir="/var/cache/dsmesh/")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "/var/cache/dsmesh/inductor"
+    assert env["TRITON_CACHE_DIR"] == "/var/cache/dsmesh/triton"
+    assert env[PYCACHE_DIR_ENV] == "/var/cache/dsmesh/pycache"  # the name train.bytecode reads
+    # a user who wants no bytecode written anywhere says so, and wins
+    assert PYCACHE_DIR_ENV not in build_env(compile_cache_dir="/c", user_vars={PYCACHE_DIR_ENV: None})

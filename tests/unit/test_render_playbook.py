@@ -76,7 +76,7 @@ def test_plan_config_and_command_agree(rendered, runs_dir):
     assert f"--learning_rate={cfg['optimizer']['params']['lr']!r}" in argv and "--num_train_epochs=2" in argv
     env = (render_dir / ".deepspeed_env").read_text().splitlines()
     assert env[0].startswith("PATH=/opt/conda/envs/train/bin:") and all("=" in line for line in env)
-    assert "TORCHINDUCTOR_CACHE_DIR=/var/cache/dsmesh/inductor" in env
+    assert "TORCHINDUCTOR_CACHE_DIR=/var/cache/dsmesh/inductor" in env and "TRAIN_PYCACHE_DIR=/var/cache/dsmesh/pycache" in env
 
 
 def test_user_settings_reach_config_and_command(tmp_path):
