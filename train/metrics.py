@@ -303,6 +303,6 @@ def compile_cache_state():
     graphs = entries(os.path.join(inductor, "fxgraph")) + entries(os.path.join(inductor, "aotautograd"))
     kernels = entries(triton)
     state = "warm" if graphs else "cold"
-    bytecode = f", Python's bytecode under PYTHONPYCACHEPREFIX={sys.pycache_prefix}" if sys.pycache_prefix else ""
+    bytecode = f", Python's bytecode under {sys.pycache_prefix}" if sys.pycache_prefix else ""
     return state, (f"compile caches {state}: TORCHINDUCTOR_CACHE_DIR={inductor} ({graphs} cached graphs), "
                    f"TRITON_CACHE_DIR={triton} ({kernels} kernels){bytecode}")

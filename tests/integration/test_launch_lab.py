@@ -78,7 +78,9 @@ HOLD = "pause_before_save_barrier:20:90"
 
 
 def test_site_yml_takes_the_lab_to_a_running_job(lab):
-    env = dict(lab.load_inventory()["all"]["vars"]["deepspeed_job_env"], TRAIN_FAULT_INJECT=HOLD)
+    # PYTHONDONTWRITEBYTECODE as container images set it: the ranks keep their bytecode on the node anyway
+    env = dict(lab.load_inventory()["all"]["vars"]["deepspeed_job_env"], TRAIN_FAULT_INJECT=HOLD,
+               PYTHONDONTWRITEBYTECODE="1")
     proc = lab.playbook("site.yml", "-e", json.dumps({"deepspeed_job_run_name": "e2e", "deepspeed_job_env": env}),
                         check=True)
     out = proc.stdout
@@ -88,6 +90,10 @@ def test_site_yml_takes_the_lab_to_a_running_job(lab):
     assert set(counts) == set(lab.names()) and all(c["failed"] == 0 for c in counts.values())
     # a rank runs on each node
     wait_for(lambda: all(ranks_on(lab, n, "e2e") for n in lab.names()), 60, "a rank on every node")
+    # and wrote the package's and torch's bytecode under the node's own cache
+    for node in lab.names():
+        assert lab.wait_until(node, "find /var/cache/dsmesh/pycache -path '*/train/sft.*.pyc' | grep -q . && "
+                                    "find /var/cache/dsmesh/pycache -path '*/torch/__init__.*.pyc' | grep -q .", 120), node
 
 
 def test_a_second_launch_is_refused_while_the_job_runs(lab):
