@@ -131,8 +131,10 @@ def test_deepspeed_runner_exports_the_file_on_remote_ranks(tmp_path):
                          hf_home="/root/.cache/huggingface", torch_extensions_dir="/root/.cache/torch_extensions",
                          interfaces=["bond0", "ens5"], compile_cache_dir=str(cache))
     (launch / ".deepspeed_env").write_text(render_env(env_vars))
-    # the image's setting, which the runner exports to remote ranks too (PYTHON* variables), before the file's
-    run_env = dict(os.environ, HOME=str(home), PATH=str(fakebin) + os.pathsep + os.environ["PATH"],
+    # the image's setting, which the runner exports to remote ranks too (PYTHON* variables), before the file's;
+    # and no bytecode prefix of its own (make test sets one)
+    plain = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
+    run_env = dict(plain, HOME=str(home), PATH=str(fakebin) + os.pathsep + os.environ["PATH"],
                    PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", "hostfile",
                            "--launcher", "pdsh", "--master_addr", "172.16.80.33", "--no_ssh_check",
@@ -154,7 +156,7 @@ def test_deepspeed_runner_exports_the_file_on_remote_ranks(tmp_path):
     probe = (f"{exports} cd {tmp_path / 'mod'}; PYTHONPATH={ROOT}:$PYTHONPATH {sys.executable} -c "
              "'import sys; from train.bytecode import keep_bytecode; keep_bytecode(); import rank_module; "
              "print(sys.dont_write_bytecode, sys.pycache_prefix)'")
-    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(["bash", "-c", probe], env=plain, capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", str(cache / "pycache")]
     assert list((cache / "pycache").rglob("rank_module.*.pyc"))
     assert not (tmp_path / "mod" / "__pycache__").exists()
