@@ -489,6 +489,11 @@ def main():
                 plan, ds_cfg, argv = plans[variant]
                 r = run_ours(model_dir, wl, run_steps, warmup, a, work, plan, ds_cfg, argv, log_path, budget, variant)
                 r["layout"] = f"{plan.label}, x {plan.gradient_accumulation_steps} accumulation, compile {plan.compile}"
+                if variant in LEVERS:
+                    # the lever's own settings come after the plan's and win
+                    r["layout"] += f"; then {' '.join(extra_args(a, variant)) or 'no flags'}"
+                    if variant == "ours_deepspeed_lever" and a.ds_config_override:
+                        r["layout"] += f" and ds_config {json.dumps(a.ds_config_override, sort_keys=True)}"
                 r["predicted_peak_allocated_gib"] = plan.predicted_peak_allocated_gib
                 r["ds_config"] = ds_cfg if plan.engine == "deepspeed" else None
             r.update({"workload": name, "variant": variant, "steps": run_steps, "warmup": warmup,

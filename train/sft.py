@@ -85,7 +85,7 @@ def train(pre, rank, local_rank, world_size, say, state):
 
     from ansible_collections.dsmesh.cluster.plugins.module_utils.trainer_fields import get_path
     from train import args as args_mod
-    from train import checkpoints, data, metrics, modeling
+    from train import checkpoints, chunked_loss, data, metrics, modeling
     from train.trainer import (
         CheckpointCallback,
         CheckpointLayersCallback,
@@ -162,6 +162,10 @@ def train(pre, rank, local_rank, world_size, say, state):
     model = modeling.build_model(model_args, lora_args, training_args, tokenizer, datasets.one_sequence_per_row,
                                  whole_model_compiled=engine_compile != "none")
     total_params, trainable_params = modeling.count_parameters(model)
+    loss_line = "loss: transformers' own (the whole logits, fp32 log-softmax)"
+    if model_args.chunked_loss:
+        # ZeRO-3's module hooks gather a weight only inside its module's forward (not under DeepCompile)
+        loss_line = chunked_loss.enable_chunked_loss(model, zero3_hooks=zero == 3 and engine_compile != "deepcompile")
     if model_args.compile == "regions":
         modeling.compile_regions(model)
     seq_len = data_args.max_seq_length
@@ -183,6 +187,7 @@ def train(pre, rank, local_rank, world_size, say, state):
         f"ZeRO-{args_mod.zero_stage(info['ds_config']) if info['ds_config'] else 'off'}, world size {world_size}"
         )
     say(weights_line)
+    say(loss_line)
     say(f"compile: {compile_runs} ({compile_why})")
     if compiles and rank == 0:
         say(metrics.compile_cache_state()[1])

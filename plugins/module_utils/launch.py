@@ -24,6 +24,7 @@ OWNED_ARGS = {
     "gradient_checkpointing": "the plan (plan override gradient_checkpointing)",
     "checkpoint_layers": "the plan (plan override checkpoint_layers)",
     "compile": "the plan (plan override compile)",
+    "chunked_loss": "the plan (plan override chunked_loss)",
     "save_on_each_node": "deepspeed_job_shared_storage",
     "lora": "deepspeed_job_finetune",
     "lora_r": "deepspeed_job_lora_r",

@@ -92,7 +92,7 @@ RETURN = r"""
 plan:
   description:
     - The chosen plan - C(engine), C(compile), C(master_weights), C(zero_stage), offload, checkpointing
-      (C(checkpoint_layers)), C(micro_batch_size), C(gradient_accumulation_steps), the GPU memory per rank
+      (C(checkpoint_layers)), C(micro_batch_size), C(gradient_accumulation_steps), C(chunked_loss), the GPU memory per rank
       (C(gpu_memory_gib), broken down), host memory per node (C(host_memory_gib)), predicted peaks, and the
       faster plans that do not fit and why (C(rejected_faster_plans)).
   returned: success

@@ -614,3 +614,45 @@ def test_predicted_speed_from_the_gpu_table():
     assert round(shape.training_flops_per_token(2048) / 1e9, 2) == 10.32
     big = ModelShape.from_config(model_config("DeepSeek-R1-Distill-Qwen-32B"))
     assert round(big.training_flops_per_token(2048, lora_rank=16) / 1e9, 1) == 136.8
+
+
+def w4_shape():
+    from train.tiny_model import PRESETS
+
+    return ModelShape.from_config(dict(PRESETS["deepseek-r1-distill-qwen-32b-8layers"]))
+
+
+W4_JOB = Job(seq_len=4096, global_batch_size=8, finetune="full", learning_rate=1e-5)
+H200 = Cluster([1], gpu_memory_gib=143771 / 1024, host_memory_gib=128, gpu_model="NVIDIA H200")
+
+
+def test_the_chunked_loss_lets_w4_run_the_faster_micro_batch_within_the_margin():
+    """W4 (the 32B shape in 8 layers, ZeRO-3 DeepCompile on an H200): micro-batch 4 with the whole
+    logits measured 134.1 GiB allocated, past the 134.7 usable once fragmentation is counted; the
+    chunked loss keeps one chunk of logits and the head's fp32 gradient instead (~7 GiB less)."""
+    shape, overrides = w4_shape(), {"zero_stage": 3}
+    p = plan(shape, H200, W4_JOB, overrides=overrides)
+    assert p.chunked_loss and p.micro_batch_size == 4 and not p.gradient_checkpointing and "chunked loss" in p.label
+    assert p.predicted_peak_reserved_gib < p.gpu_memory_gib["usable"]
+    assert trainer_args(build_ds_config(p, W4_JOB, shape), p)["chunked_loss"] is True
+    stock = plan(shape, H200, W4_JOB, overrides=dict(overrides, chunked_loss=False))
+    assert not stock.chunked_loss and stock.micro_batch_size == 2  # the plan measured before it
+    assert "chunked_loss" not in trainer_args(build_ds_config(stock, W4_JOB, shape), stock)
+    assert p.relative_step_time < stock.relative_step_time
+    whole = activation_bytes(shape, W4_JOB, "bf16", 4, False, compiled=True)
+    chunked = activation_bytes(shape, W4_JOB, "bf16", 4, False, compiled=True, chunked_loss=True)
+    assert whole["layers"] == chunked["layers"]
+    assert 6.5 < (whole["loss_and_working"] - chunked["loss_and_working"]) / GIB < 8.5
+    # where both fit at the same speed, transformers' own loss is kept
+    assert not plan(shape, H200, W4_JOB, overrides=dict(overrides, micro_batch_size=2)).chunked_loss
+
+
+def test_the_chunked_loss_only_where_the_package_runs_it():
+    shape = w4_shape()
+    cpu = plan(shape, Cluster([1], device="cpu", host_memory_gib=1024), W4_JOB.with_changes(seq_len=256))
+    assert not cpu.chunked_loss  # the lab's CPU ranks: transformers' own loss
+    regions = plan(shape, H200, W4_JOB, overrides={"engine": "torch"})
+    assert regions.compile == "regions" and not regions.chunked_loss
+    other = ModelShape.from_config(dict(model_config("Qwen2.5-1.5B"), model_type="gemma2"))
+    with pytest.raises(PlanError, match="chunked_loss.*not 'gemma2'.*drop the override"):
+        plan(other, H200, W4_JOB, overrides={"chunked_loss": True})

@@ -9,7 +9,7 @@ from .memory import bucket_sizes
 
 # Arguments of the training package (train/args.py) that trainer_args() may add besides HF's
 # TrainingArguments.
-PACKAGE_ARGS = ("checkpoint_layers", "compile")
+PACKAGE_ARGS = ("checkpoint_layers", "compile", "chunked_loss")
 
 
 def _deep_merge(base, extra):
@@ -136,6 +136,8 @@ def trainer_args(cfg, p):
         args["checkpoint_layers"] = int(p.checkpoint_layers)
     if p.compile != "none":
         args["compile"] = p.compile
+    if p.chunked_loss:
+        args["chunked_loss"] = True
     if p.engine == "torch":
         args["optim"] = "adamw_torch_fused"
     return args

@@ -183,11 +183,31 @@ def backward_transient_per_token(model, job, precision):
     return _bytes_per_value(precision) * (2 * i + 2 * h)
 
 
-def activation_bytes(model, job, precision, micro_batch, checkpointing, compiled=False, checkpoint_layers=None):
+def chunk_tokens(tokens, hidden_size, vocab_size):
+    """Tokens per chunk of the training package's chunked loss: a chunk's logits about the size of all
+    the hidden states (Liger-Kernel's rule), a power of two."""
+    chunks = math.ceil(vocab_size / float(hidden_size))
+    return 1 << max(0, math.ceil(math.log2(max(1, math.ceil(tokens / float(chunks))))))
+
+
+def chunked_loss_bytes(model, job, precision, tokens, compiled):
+    """Working memory of the chunked loss: one chunk's logits and their gradient (16-bit and fp32:
+    12 bytes per entry compiled, 20 eager), the hidden states' gradient, and with a trained head its
+    fp32 gradient plus one chunk's 16-bit contribution to it."""
+    w = _bytes_per_value(precision)
+    h, V = model.hidden_size, model.vocab_size
+    chunk = min(tokens, chunk_tokens(tokens, h, V))
+    head = (4 + w) * V * h if job.finetune == "full" else 0
+    return chunk * V * (12 if compiled else 20) + tokens * w * h + head
+
+
+def activation_bytes(model, job, precision, micro_batch, checkpointing, compiled=False, checkpoint_layers=None,
+                     chunked_loss=False):
     """Peak activation bytes of one micro-batch on one rank, with its breakdown.
 
     checkpoint_layers: with checkpointing, how many decoder layers are checkpointed (default all);
-    the others keep their activations. compiled: torch.compile (layers and loss)."""
+    the others keep their activations. compiled: torch.compile (layers and loss). chunked_loss: the
+    package's chunked head and loss (--chunked_loss) instead of the whole logits."""
     tokens = micro_batch * job.seq_len
     w = _bytes_per_value(precision)
     h, V = model.hidden_size, model.vocab_size
@@ -203,18 +223,16 @@ def activation_bytes(model, job, precision, micro_batch, checkpointing, compiled
     transient = backward_transient_per_token(model, job, precision)
     # cos/sin of the rotary embedding: per position, shared by the batch and all layers.
     rope = 2 * w * model.head_dim * job.seq_len
+    loss = chunked_loss_bytes(model, job, precision, tokens, compiled) if chunked_loss else logits * tokens
     if checkpointing:
         k = model.num_layers if checkpoint_layers is None else max(1, min(int(checkpoint_layers), model.num_layers))
         # each checkpointed layer keeps its input; the others all their activations
         kept = k * w * h + (model.num_layers - k) * per_layer
-        peak_token = kept + labels + max(final_norm + logits, per_layer + transient)
-        layers = kept * tokens
-        working = (peak_token - kept) * tokens
+        working = labels * tokens + max(final_norm * tokens + loss, (per_layer + transient) * tokens)
     else:
         kept = model.num_layers * per_layer
-        peak_token = kept + final_norm + labels + max(logits, transient)
-        layers = kept * tokens
-        working = (peak_token - kept) * tokens
+        working = (final_norm + labels) * tokens + max(loss, transient * tokens)
+    layers = kept * tokens
     return {
         "tokens": tokens,
         "layers": int(layers),
@@ -303,7 +321,7 @@ def estimate(model, job, cluster, cand, settings):
                                    cand.offload_optimizer, cand.offload_param)
         bufs = buffer_bytes(model, job, precision, cand.stage, cand.offload_optimizer)
     acts = activation_bytes(model, job, precision, cand.micro_batch, cand.checkpointing, cand.compiled,
-                            cand.checkpoint_layers)
+                            cand.checkpoint_layers, cand.chunked_loss)
     allocated = sum(states.values()) + acts["total"] + sum(bufs.values())
     reserved = allocated * (1.0 + settings["fragmentation"])
     host = host_bytes(model, job, cluster, cand.stage, cand.offload_optimizer, cand.offload_param, settings)

@@ -6,6 +6,9 @@ import os
 from .errors import PlanError
 
 ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Model types whose causal LM forward is decoder -> LM head -> the standard loss and nothing else (no
+# router loss, no logit cap), so the training package's chunked loss (train/chunked_loss.py) can run it.
+CHUNKED_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class ModelShape:

@@ -59,6 +59,8 @@ class Plan:
     predicted_tokens_per_s: float = None
     predicted_step_seconds: float = None
     why: list = field(default_factory=list)
+    # the training package's chunked LM head and loss (--chunked_loss) instead of the whole logits
+    chunked_loss: bool = False
 
     @classmethod
     def build(cls, model, job, cluster, cand, step_time, est, settings, overrides, rejected, considered, fitting,
@@ -88,7 +90,8 @@ class Plan:
             host_memory_gib={k: gib(v) for k, v in est["host"].items()}, host_memory_usable_gib=gib(est["host_usable"]),
             predicted_peak_allocated_gib=gib(est["peak_allocated"]),
             predicted_peak_reserved_gib=gib(est["peak_reserved"]), overrides=overrides, settings=settings,
-            warnings=list(warnings), lora=lora, deepcompile_memory_bound_gib=bound, **speed)
+            warnings=list(warnings), lora=lora, deepcompile_memory_bound_gib=bound, chunked_loss=cand.chunked_loss,
+            **speed)
 
     def as_dict(self):
         return asdict(self)

@@ -6,7 +6,7 @@ import json
 
 from .errors import PlanError
 from .memory import estimate, master_weights
-from .model import ModelShape
+from .model import CHUNKED_LOSS_MODEL_TYPES, ModelShape
 from .result import Plan, why_lines
 from .settings import gib, merge_settings
 
@@ -15,18 +15,19 @@ ENGINES = ("deepspeed", "torch")
 # (ZeRO 1-3) through engine.compile(). torch: engine.compile() without them. none: eager.
 COMPILE_MODES = ("regions", "deepcompile", "torch", "none")
 PLAN_OVERRIDE_KEYS = ("engine", "zero_stage", "offload_optimizer", "offload_param", "gradient_checkpointing",
-                      "checkpoint_layers", "micro_batch_size", "compile")
+                      "checkpoint_layers", "micro_batch_size", "compile", "chunked_loss")
 
 
 class Candidate:
     """One way to run the job. engine "torch" (one GPU only) is plain PyTorch: no DeepSpeed, no
     partitioning (stage 0). checkpoint_layers: how many decoder layers are checkpointed when
-    checkpointing (None: all). compile: one of COMPILE_MODES."""
+    checkpointing (None: all). compile: one of COMPILE_MODES. chunked_loss: the training package's
+    chunked LM head and loss (--chunked_loss) instead of the whole logits."""
     __slots__ = ("stage", "offload_optimizer", "offload_param", "checkpointing", "micro_batch", "engine",
-                 "checkpoint_layers", "num_layers", "compile")
+                 "checkpoint_layers", "num_layers", "compile", "chunked_loss")
 
     def __init__(self, stage, offload_optimizer, offload_param, checkpointing, micro_batch, engine="deepspeed",
-                 checkpoint_layers=None, num_layers=None, compile="none"):
+                 checkpoint_layers=None, num_layers=None, compile="none", chunked_loss=False):
         self.stage = stage
         self.offload_optimizer = offload_optimizer
         self.offload_param = offload_param
@@ -36,6 +37,7 @@ class Candidate:
         self.checkpoint_layers = checkpoint_layers
         self.num_layers = num_layers
         self.compile = compile
+        self.chunked_loss = chunked_loss
 
     @property
     def compiled(self):
@@ -71,9 +73,11 @@ class Candidate:
                 ckpt = f"gradient checkpointing of {self.checkpoint_layers} of {self.num_layers} layers"
         compiled = {"regions": "compiled layers", "deepcompile": "DeepCompile", "torch": "torch.compile",
                     "none": "eager"}[self.compile]
+        loss = ", chunked loss" if self.chunked_loss else ""
         if self.engine == "torch":
-            return f"no DeepSpeed (one GPU: PyTorch, fused AdamW, {compiled}), {ckpt}, micro-batch {self.micro_batch}"
-        return f"ZeRO-{self.stage}, {off}, {ckpt}, micro-batch {self.micro_batch}, {compiled}"
+            return (f"no DeepSpeed (one GPU: PyTorch, fused AdamW, {compiled}), {ckpt}, micro-batch "
+                    f"{self.micro_batch}{loss}")
+        return f"ZeRO-{self.stage}, {off}, {ckpt}, micro-batch {self.micro_batch}, {compiled}{loss}"
 
 
 def compile_modes(engine, stage, offloaded, device):
@@ -104,6 +108,8 @@ def relative_step_time(cand, job, cluster, settings, model=None):
     # Checkpointing recomputes the forward of the checkpointed layers only.
     t = (1.0 + (settings["checkpointing_cost"] - 1.0) * cand.checkpoint_fraction()) / efficiency
     t *= settings["compile_cost"][cand.compile]
+    if cand.chunked_loss:
+        t *= settings["chunked_loss_cost"]
     if cand.engine == "torch":
         return round(t, 4)
     if cluster.world_size == 1:
@@ -151,7 +157,7 @@ def _as_bool(value):
     raise PlanError(f"cannot read {value!r} as a yes/no (or cpu/none) value")
 
 
-def candidates(job, cluster, overrides, settings, num_layers=None):
+def candidates(job, cluster, overrides, settings, num_layers=None, model_type=None):
     per_rank = job.global_batch_size // cluster.world_size
     micro_options = [m for m in _divisors(per_rank) if m <= settings["max_micro_batch"]]
     offloads = [(False, False)]
@@ -170,6 +176,20 @@ def candidates(job, cluster, overrides, settings, num_layers=None):
     o = overrides or {}
     if "compile" in o and o["compile"] not in COMPILE_MODES:
         raise PlanError(f"plan override compile must be one of {', '.join(COMPILE_MODES)}, got {o['compile']!r}")
+    # The chunked loss where the package can run it, inside a whole-model graph (DeepCompile,
+    # engine.compile()), where Inductor fuses each chunk's softmax and gradient as it fuses the stock
+    # loss; the plan override chunked_loss true asks for it anywhere.
+    forced = _as_bool(o["chunked_loss"]) if "chunked_loss" in o else None
+    if forced and model_type not in CHUNKED_LOSS_MODEL_TYPES:
+        raise PlanError(f"plan override chunked_loss: the package's chunked loss runs model types "
+                        f"{', '.join(CHUNKED_LOSS_MODEL_TYPES)}, not {model_type!r}; drop the override")
+
+    def chunked_options(mode):
+        if forced is not None:
+            return [forced]
+        whole_graph = cluster.device == "gpu" and mode in ("deepcompile", "torch")
+        return [False, True] if whole_graph and model_type in CHUNKED_LOSS_MODEL_TYPES else [False]
+
     out = []
     for engine, stage, off_opt, off_param in shapes:
         modes = compile_modes(engine, stage, off_opt or off_param, cluster.device)
@@ -181,8 +201,9 @@ def candidates(job, cluster, overrides, settings, num_layers=None):
             mode = modes[0]
         for ckpt in (False, True):
             for m in micro_options:
-                out.append(Candidate(stage, off_opt, off_param, ckpt, m, engine=engine, num_layers=num_layers,
-                                     compile=mode))
+                for chunked in chunked_options(mode):
+                    out.append(Candidate(stage, off_opt, off_param, ckpt, m, engine=engine, num_layers=num_layers,
+                                         compile=mode, chunked_loss=chunked))
     if "engine" in o:
         if o["engine"] not in ENGINES:
             raise PlanError(f"plan override engine must be one of {', '.join(ENGINES)}, got {o['engine']!r}")
@@ -241,16 +262,17 @@ def _fewest_checkpointed_layers(model, job, cluster, cand, settings):
 
 
 def _search(model, job, cluster, overrides, settings):
-    cands = candidates(job, cluster, overrides, settings, model.num_layers)
+    cands = candidates(job, cluster, overrides, settings, model.num_layers, model.model_type)
     scored = []
     for c in cands:
         if c.checkpointing and c.checkpoint_layers is None:
             c = _fewest_checkpointed_layers(model, job, cluster, c, settings)
         est = estimate(model, job, cluster, c, settings)
         scored.append((relative_step_time(c, job, cluster, settings, model), c, est))
-    # Fastest first; ties go to less partitioning, no offload, no checkpointing, bigger micro-batch.
+    # Fastest first; ties go to less partitioning, no offload, no checkpointing, bigger micro-batch,
+    # transformers' own loss.
     scored.sort(key=lambda x: (x[0], x[1].engine != "torch", x[1].stage, x[1].offload_optimizer,
-                               x[1].offload_param, x[1].checkpointing, -x[1].micro_batch))
+                               x[1].offload_param, x[1].checkpointing, -x[1].micro_batch, x[1].chunked_loss))
     return scored
 
 

@@ -49,6 +49,9 @@ DEFAULT_SETTINGS = {
     # layers 0.8 (H100); DeepSpeed's engine.compile() 0.86 (H200, bare ZeRO-3 loop); DeepCompile 0.82,
     # from its ZeRO-3 run at 0.87x the torch engine side by side (Qwen2.5-1.5B, H200).
     "compile_cost": {"regions": 0.8, "deepcompile": 0.82, "torch": 0.86, "none": 1.0},
+    # The chunked loss (the training package's --chunked_loss) over transformers' own: the same FLOPs,
+    # no recomputation; its head matmuls come in chunks of about 1k tokens.
+    "chunked_loss_cost": 1.0,
     # ZeRO-3's per-module hooks cost time even on one GPU: the package's eager ZeRO-3 took 1.32x the
     # time of the torch engine, eager, for Qwen2.5-1.5B at 16384 tokens per micro-batch (H200). Per 4096 tokens at
     # hidden size micro_efficiency_hidden; wider layers spend less of their time in the hooks.
