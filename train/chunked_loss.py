@@ -1,16 +1,18 @@
-"""The LM head and its cross-entropy chunk by chunk (--chunked_loss), with the gradients worked out
-in the forward, as Liger-Kernel's fused linear cross-entropy does.
+"""The LM head and its cross-entropy chunk by chunk (--chunked_loss): the whole logits never exist.
 
 A stock causal LM keeps the logits of the whole micro-batch (16-bit, plus their fp32 upcast while
 the loss runs): 6-12 bytes per vocabulary entry per token, 13.9 GiB for Qwen's 152k vocabulary at
-16k tokens. Here the head runs on a chunk of tokens at a time: the chunk's logits, the fp32
-log-softmax, the gradient of the logits, and from it the chunk's gradients of the hidden states and
-of the head weight. Only those gradients outlive the chunk. The backward pass then only scales them.
+16k tokens. Here the forward runs the head on a chunk of tokens at a time: the chunk's logits, their
+fp32 log-softmax, the loss and the 16-bit gradient of the logits, the one tensor that outlives the
+chunk (2 bytes per entry). The backward pass is the head's own: one matmul each for the gradients of
+the hidden states and of the head weight, from that gradient of the logits.
 
 The same math as transformers' ForCausalLMLoss: logits from a 16-bit matmul, fp32 log-softmax,
-labels shifted by one with -100 ignored, sum / num_items_in_batch (mean without it); the logits'
-gradient in fp32, cast to 16 bits for the two gradient matmuls. The head weight's gradient is summed
-over chunks in fp32 (the stock one comes out of one matmul in 16 bits). No matmul is recomputed.
+labels shifted by one with -100 ignored, sum / num_items_in_batch (mean without it), the logits'
+gradient in fp32 cast to 16 bits, then the same two matmuls. Nothing is recomputed. (Working the
+weight's gradient out chunk by chunk in the forward, as Liger-Kernel does, needs its 16 partial
+products summed: an fp32 accumulator read and written per chunk, which on W4 cost about what the
+larger micro-batch gains.)
 """
 
 import types
@@ -28,58 +30,57 @@ class ChunkedLossError(ConfigError):
     """The model's forward is not the plain decoder -> LM head -> cross-entropy this replaces."""
 
 
-@torch.library.custom_op("dsmesh::add_matmul_", mutates_args=("acc",))
-def add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, the product in a's dtype, the sum in acc's (fp32). An opaque op with a mutated
-    argument, so that a compiler runs it where it stands: Inductor fuses a chain of plain `+=` into
-    one kernel at the end and keeps every chunk's 16-bit product alive until then (16 x 1.45 GiB for
-    W4's head)."""
-    acc.add_(a @ b)
+@torch.library.custom_op("dsmesh::after", mutates_args=())
+def after(x: torch.Tensor, dep: torch.Tensor) -> torch.Tensor:
+    """A copy of x made once dep exists: an op a compiler cannot see through, so it keeps the chunks
+    in order (Inductor otherwise runs every chunk's matmul first and holds all the logits at once)."""
+    return x.clone()
 
 
-@add_matmul_.register_fake
-def _(acc, a, b):
-    return None
+@after.register_fake
+def _(x, dep):
+    return torch.empty_like(x)
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """loss = cross_entropy(hidden @ weight.T, labels, reduction sum) / divisor, chunked over tokens."""
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """loss = cross_entropy(hidden @ weight.T, labels, reduction sum) / divisor, the logits chunked
+    over tokens; forward keeps only their 16-bit gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, divisor, chunk, want_hidden, want_weight):
-        ctx.weight_dtype = weight.dtype
+    def forward(ctx, hidden, weight, labels, divisor, chunk, want_grad):
         w = weight.to(hidden.dtype)
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grads, last = [], None
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]
             y = labels[start:start + chunk]
+            h = hidden[start:start + chunk]
+            if last is not None:
+                h = after(h, last)  # this chunk's logits only once the last one is done with
             logits = (h @ w.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             valid = y != IGNORE_INDEX
             target = torch.where(valid, y, 0).unsqueeze(1)
             loss = loss + torch.where(valid, lse - logits.gather(1, target).squeeze(1), 0.0).sum()
-            if want_hidden or want_weight:
+            if want_grad:
                 # d(loss)/d(logits) = (softmax - one_hot(label)) / divisor on the tokens with a label
                 grad = torch.exp(logits - lse.unsqueeze(1))
                 grad = grad.scatter_add(1, target, -valid.to(grad.dtype).unsqueeze(1))
-                grad = (grad * (valid.to(grad.dtype) / divisor).unsqueeze(1)).to(hidden.dtype)
-                if want_hidden:
-                    grad_hidden[start:start + chunk] = grad @ w
-                if want_weight:
-                    add_matmul_(grad_weight, grad.t(), h)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+                grads.append((grad * (valid.to(grad.dtype) / divisor).unsqueeze(1)).to(hidden.dtype))
+            last = grads[-1] if want_grad else loss
+        # one cat: a compiler writes each chunk's gradient straight into its rows
+        ctx.save_for_backward(torch.cat(grads) if want_grad else None, hidden, weight)
         return loss / divisor
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        grad_logits, hidden, weight = ctx.saved_tensors
+        grad_hidden = grad_weight = None
+        scale = grad_output.to(hidden.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_logits @ weight.to(hidden.dtype)) * scale
+        if ctx.needs_input_grad[1]:
+            grad_weight = ((grad_logits.t() @ hidden) * scale).to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, shift_labels=None, chunk=None):
@@ -100,8 +101,8 @@ def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, shift_
         divisor = torch.tensor(float(num_items_in_batch), device=hidden.device)
     chunk = chunk or chunk_tokens(hidden.shape[0], weight.shape[1], weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
-        return LinearCrossEntropy.apply(hidden, weight, shift_labels, divisor, chunk, hidden.requires_grad,
-                                        weight.requires_grad)
+        return ChunkedCrossEntropy.apply(hidden, weight, shift_labels, divisor, chunk,
+                                         hidden.requires_grad or weight.requires_grad)
 
 
 def _unwrap(model):

@@ -629,7 +629,7 @@ H200 = Cluster([1], gpu_memory_gib=143771 / 1024, host_memory_gib=128, gpu_model
 def test_the_chunked_loss_lets_w4_run_the_faster_micro_batch_within_the_margin():
     """W4 (the 32B shape in 8 layers, ZeRO-3 DeepCompile on an H200): micro-batch 4 with the whole
     logits measured 134.1 GiB allocated, past the 134.7 usable once fragmentation is counted; the
-    chunked loss keeps one chunk of logits and the head's fp32 gradient instead (~7 GiB less)."""
+    chunked loss keeps one chunk of logits and the 16-bit gradient of all of them instead (~6 GiB less)."""
     shape, overrides = w4_shape(), {"zero_stage": 3}
     p = plan(shape, H200, W4_JOB, overrides=overrides)
     assert p.chunked_loss and p.micro_batch_size == 4 and not p.gradient_checkpointing and "chunked loss" in p.label
@@ -642,7 +642,7 @@ def test_the_chunked_loss_lets_w4_run_the_faster_micro_batch_within_the_margin()
     whole = activation_bytes(shape, W4_JOB, "bf16", 4, False, compiled=True)
     chunked = activation_bytes(shape, W4_JOB, "bf16", 4, False, compiled=True, chunked_loss=True)
     assert whole["layers"] == chunked["layers"]
-    assert 6.5 < (whole["loss_and_working"] - chunked["loss_and_working"]) / GIB < 8.5
+    assert 5.5 < (whole["loss_and_working"] - chunked["loss_and_working"]) / GIB < 6.5
     # where both fit at the same speed, transformers' own loss is kept
     assert not plan(shape, H200, W4_JOB, overrides=dict(overrides, micro_batch_size=2)).chunked_loss
 

@@ -191,14 +191,14 @@ def chunk_tokens(tokens, hidden_size, vocab_size):
 
 
 def chunked_loss_bytes(model, job, precision, tokens, compiled):
-    """Working memory of the chunked loss: one chunk's logits and their gradient (16-bit and fp32:
-    12 bytes per entry compiled, 20 eager), the hidden states' gradient, and with a trained head its
-    fp32 gradient plus one chunk's 16-bit contribution to it."""
+    """Working memory of the chunked loss: one chunk's logits and their fp32 softmax (12 bytes per
+    entry compiled, 20 eager), the 16-bit gradient of all the logits (w per entry), and from it the
+    hidden states' gradient and, with a trained head, the head weight's."""
     w = _bytes_per_value(precision)
     h, V = model.hidden_size, model.vocab_size
     chunk = min(tokens, chunk_tokens(tokens, h, V))
-    head = (4 + w) * V * h if job.finetune == "full" else 0
-    return chunk * V * (12 if compiled else 20) + tokens * w * h + head
+    head = w * V * h if job.finetune == "full" else 0
+    return chunk * V * (12 if compiled else 20) + tokens * w * V + tokens * w * h + head
 
 
 def activation_bytes(model, job, precision, micro_batch, checkpointing, compiled=False, checkpoint_layers=None,
