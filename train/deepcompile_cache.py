@@ -127,7 +127,7 @@ def all_ranks_agree(flag, process_group=None):
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
-        t = torch.tensor([1 if flag else 0], device=torch.device(get_accelerator().current_device()), dtype=torch.int)
+        t = torch.tensor([1 if flag else 0], device=get_accelerator().current_device_name(), dtype=torch.int)
         dist.all_reduce(t, dist.ReduceOp.MIN, group=process_group)
         return bool(t.item())
 
