@@ -66,10 +66,10 @@ class ModelArguments:
         "help": "With gradient checkpointing, checkpoint only the first N decoder layers; the others keep "
                 "their activations (faster, more memory). Default: all. The planner sets it."})
     chunked_loss: bool = field(default=False, metadata={
-        "help": "Run the LM head and the cross-entropy on chunks of tokens, the gradients worked out in the "
-                "forward, so the whole micro-batch's logits never exist (13.9 GiB for a 152k vocabulary at 16k "
-                "tokens). The same loss and gradients, no recomputation; Llama, Mistral and Qwen2/3 models. "
-                "The planner sets it where it lets a faster plan fit."})
+        "help": "Run the LM head and the cross-entropy on chunks of tokens, keeping only the 16-bit gradient "
+                "of the logits, so the whole micro-batch's logits never exist (13.9 GiB for a 152k vocabulary "
+                "at 16k tokens). The same loss and gradients, no recomputation; Llama, Mistral and Qwen2/3 "
+                "models. The planner sets it where it lets a faster plan fit."})
 
 
 @dataclass

@@ -158,5 +158,5 @@ def enable_chunked_loss(model, zero3_hooks=False):
         import deepspeed
 
         deepspeed.zero.register_external_parameter(base, base.lm_head.weight)
-    return ("loss: LM head and cross-entropy in chunks of tokens, gradients in the forward (--chunked_loss: "
-            "the whole logits never exist)")
+    return ("loss: LM head and cross-entropy in chunks of tokens, the logits' 16-bit gradient kept "
+            "(--chunked_loss: the whole logits never exist)")
